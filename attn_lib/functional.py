@@ -1,0 +1,189 @@
+"""``attention()``: one entry point, several backends, one set of conventions.
+
+Shapes: q ``(..., T, D)``, k ``(..., S, D)``, v ``(..., S, Dv)``; masks and
+biases broadcast to ``(..., T, S)``. Masks are boolean, True = may attend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from .masks import causal_mask
+
+BACKENDS = ("auto", "math", "sdpa", "chunked", "triton")
+
+Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+# name -> function(q, k, v, allowed, bias, scale, dropout_p) -> out; filled below
+# and by the modules that add backends, so ``attention()`` knows what exists.
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    """Make ``backend=name`` run ``fn(q, k, v, allowed, bias, scale, dropout_p)``."""
+    _checks.choice(name, "backend", BACKENDS[1:])
+    _IMPLEMENTATIONS[name] = fn
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends ``attention()`` can run here, ``"auto"`` first."""
+    return ("auto",) + tuple(b for b in BACKENDS[1:] if b in _IMPLEMENTATIONS)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 scores are formed in float32: ``q @ k`` overflows fp16 near 65504."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim that gives an all-zero row where every score is ``-inf``.
+
+    ``torch.softmax`` returns ``nan`` for such a row (``0 / 0``) and its gradient
+    is ``nan`` too. Here the row is first replaced by zeros (so the softmax is
+    finite), then its weights are zeroed; both steps pass a zero gradient back.
+    """
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (..., T, 1)
+    weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1)
+    return weights.masked_fill(empty, 0.0)
+
+
+def _math(q, k, v, allowed, bias, scale, dropout_p, *, return_weights=False):
+    """Attention as written on paper: scores, softmax, weighted sum of values."""
+    dtype = _compute_dtype(q.dtype)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale  # (..., T, S)
+    if bias is not None:
+        scores = scores + bias.to(dtype)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+
+    weights = safe_softmax(scores)  # (..., T, S)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    out = (weights @ v.to(dtype)).to(q.dtype)  # (..., T, Dv)
+    return (out, weights.to(q.dtype)) if return_weights else out
+
+
+def _sdpa(q, k, v, allowed, bias, scale, dropout_p):
+    """PyTorch's fused ``scaled_dot_product_attention``, with two repairs.
+
+    1. Causal alignment is bottom-right: it arrives here inside ``allowed``
+       rather than as SDPA's top-left ``is_causal``.
+    2. A query that may attend to nothing would give ``nan`` (or, depending on
+       the kernel, a uniform average). Its row is opened up before the call
+       and its output zeroed after, so the forward and the gradient are finite
+       and that query's output is exactly zero.
+    """
+    attn_mask, empty = None, None
+    if bias is not None:
+        attn_mask = bias.to(q.dtype)
+        if allowed is not None:
+            attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
+        empty = torch.isneginf(attn_mask).all(dim=-1, keepdim=True)  # (..., T, 1)
+        attn_mask = attn_mask.masked_fill(empty, 0.0)
+    elif allowed is not None:
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (..., T, 1)
+        attn_mask = allowed | empty
+
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+    )  # (..., T, Dv)
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+register_backend("math", _math)
+register_backend("sdpa", _sdpa)
+
+
+def _choose_backend(return_weights: bool) -> str:
+    """What ``backend="auto"`` runs: the fused kernel unless weights are wanted."""
+    return "math" if return_weights else "sdpa"
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> Result:
+    r"""Scaled dot-product attention on any device, with a choice of backend.
+
+    .. math:: \mathrm{out} = \mathrm{softmax}\!\left(s\,q k^\top + b\right) v,
+              \quad s = 1/\sqrt{D}
+
+    where masked-out pairs get a score of ``-inf`` (weight exactly 0).
+
+    Args:
+        q: queries ``(..., T, D)``.
+        k: keys ``(..., S, D)``, same leading dims, dtype and device as ``q``.
+        v: values ``(..., S, Dv)``.
+        mask: bool, broadcastable to ``(..., T, S)``; True = may attend. Float
+            masks are refused: pass additive scores as ``bias=``.
+        bias: float, broadcastable to ``(..., T, S)``, added to the scaled
+            scores (``-inf`` entries act as a mask).
+        is_causal: also apply :func:`attn_lib.causal_mask`, aligned bottom-right
+            (query ``i`` sees key ``j`` iff ``j <= i + S - T``).
+        scale: multiplies ``q k^T``; defaults to ``1/sqrt(D)``.
+        dropout_p: dropout on the weights. Always applied when > 0, like
+            ``F.scaled_dot_product_attention``: modules pass 0 in ``eval()``.
+        return_weights: also return the weights ``(..., T, S)`` that were
+            applied to ``v`` (after dropout).
+        backend: ``"auto"``, ``"math"``, ``"sdpa"``, ``"chunked"`` or ``"triton"``;
+            see :func:`available_backends`. ``"auto"`` runs ``"sdpa"``, or
+            ``"math"`` when weights are requested.
+
+    Returns:
+        ``out`` ``(..., T, Dv)`` in ``q``'s dtype, or ``(out, weights)``.
+
+    A query that may attend to nothing (all keys masked) gets an all-zero
+    output and weight row, and zero gradients, on every backend.
+
+    Example:
+        >>> q = torch.ones(1, 2, 4); k = torch.ones(1, 3, 4); v = torch.arange(3.).view(1, 3, 1)
+        >>> attention(q, k, v, is_causal=True).squeeze().tolist()
+        [0.5, 1.0]
+    """
+    t, s = _checks.qkv(q, k, v)
+    target = (*q.shape[:-2], t, s)
+    if mask is not None:
+        _checks.mask(mask, target, q.device)
+    if bias is not None:
+        _checks.bias(bias, target, q.device)
+    _checks.scale(scale)
+    dropout_p = _checks.probability(dropout_p, "dropout_p")
+    _checks.choice(backend, "backend", BACKENDS)
+    if backend != "auto" and backend not in _IMPLEMENTATIONS:
+        _checks.fail(
+            "backend",
+            f"be one of the available backends {available_backends()}",
+            repr(backend),
+        )
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    allowed = mask
+    if is_causal:
+        causal = causal_mask(t, s, device=q.device)  # (T, S)
+        allowed = causal if allowed is None else allowed & causal
+
+    chosen = _choose_backend(return_weights) if backend == "auto" else backend
+    if return_weights:
+        if chosen != "math":
+            _checks.fail(
+                "backend",
+                "be 'math' or 'auto' when return_weights=True "
+                "(fused kernels never form the weights)",
+                repr(backend),
+            )
+        return _math(q, k, v, allowed, bias, scale, dropout_p, return_weights=True)
+    return _IMPLEMENTATIONS[chosen](q, k, v, allowed, bias, scale, dropout_p)

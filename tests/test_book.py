@@ -71,7 +71,7 @@ def test_chapter_has_goals_summary_and_exercises_with_solutions(nb):
     assert re.search(r"^#+ Learning goals", text, re.M)
     assert re.search(r"^#+ Summary", text, re.M)
     assert re.search(r"^#+ Exercises", text, re.M)
-    exercises = re.findall(r"```\{exercise\}", text)
+    exercises = re.findall(r"```\{exercise(?:-start)?\}", text)
     solutions = re.findall(r"```\{solution-start\}", text)
     assert len(exercises) >= 3, "fewer than three exercises"
     assert len(solutions) >= len(exercises), "an exercise without an executed solution"

@@ -28,6 +28,18 @@ $(MATHJAX):
 book: $(STAMP) $(MATHJAX)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
+# Every built page in headless Chromium (Debian's chromium), served from 127.0.0.1:
+# math typeset, images loaded, no errors, links and anchors resolve, launch
+# buttons, search. Screenshots go to _build/screenshots. Run after `make book`.
+browser-check: $(STAMP)
+	$(BIN)/python tests/browser_check.py _build/html --screenshots _build/screenshots
+
+# A chapter run the Colab way: a fresh environment with torch preinstalled, where
+# the first cell installs only attn_lib (from a clean copy of this tree).
+COLAB_NOTEBOOK ?= book/02_scaled_dot_product.ipynb
+colab-check: $(STAMP)
+	$(BIN)/python tests/colab_check.py $(COLAB_NOTEBOOK)
+
 lint: $(STAMP)
 	$(BIN)/python -m ruff check attn_lib tests book
 

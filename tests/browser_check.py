@@ -76,12 +76,12 @@ PAGE_JS = r"""
 (async () => {
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const deadline = Date.now() + 15000;
-  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
-    await MathJax.startup.promise;
-  }
+  // window.MathJax starts as a configuration object; startup exists once loaded.
+  const mathjax = !!(window.MathJax && MathJax.startup);
+  if (mathjax && MathJax.startup.promise) await MathJax.startup.promise;
   const untypeset = () => [...document.querySelectorAll(".math")]
     .filter((m) => !m.querySelector("mjx-container"));
-  while (window.MathJax && untypeset().length && Date.now() < deadline) {
+  while (mathjax && untypeset().length && Date.now() < deadline) {
     await sleep(50);
   }
   const imgs = [...document.images];
@@ -103,7 +103,7 @@ PAGE_JS = r"""
   const abs = (a) => a.href;
   return {
     title: document.title,
-    mathjax: !!window.MathJax,
+    mathjax: mathjax,
     math: document.querySelectorAll(".math").length,
     typeset: document.querySelectorAll("mjx-container").length,
     untypeset: untypeset().map((m) => m.textContent.slice(0, 60)),

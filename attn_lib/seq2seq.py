@@ -317,3 +317,27 @@ def translate(
     src, lengths = src_vocab.batch(sentences)
     ids = greedy_decode(model, src, lengths)
     return [tgt_vocab.decode(row.tolist()) for row in ids]
+
+
+@torch.no_grad()
+def cross_weights(
+    model: Seq2Seq,
+    src_tokens: Sequence[str],
+    tgt_tokens: Sequence[str],
+    src_vocab: Vocab,
+    tgt_vocab: Vocab,
+) -> list[torch.Tensor]:
+    """The cross-attention weights of every decoder layer for one sentence pair.
+
+    The decoder reads ``<bos>`` and ``tgt_tokens``; row ``t`` is the query
+    that predicts target token ``t`` (the last row predicts ``<eos>``), column
+    ``j`` is source token ``j``. The model is put in eval mode.
+
+    Returns:
+        One tensor ``(T + 1, S)`` per decoder layer, ``T = len(tgt_tokens)``.
+    """
+    model.eval()
+    src, lengths = src_vocab.batch([src_tokens])  # (1, S)
+    tgt, _ = tgt_vocab.batch([tgt_tokens], bos=True)  # (1, T + 1)
+    _, weights = model(src, lengths, tgt, return_weights=True)
+    return [w[0] for w in weights]  # (T + 1, S) each

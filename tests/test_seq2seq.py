@@ -153,3 +153,19 @@ def test_bad_arguments_are_named(gen):
     src, lengths = _batch(gen, [5])
     with pytest.raises(ValueError, match=r"sequences must be at most max_len=4 long"):
         model(src, lengths, src)
+
+
+def test_cross_weights_are_one_row_per_target_word_plus_eos():
+    pairs = s2s.number_pairs([71, 342])
+    sv, tv = s2s.Vocab(p[0] for p in pairs), s2s.Vocab(p[1] for p in pairs)
+    model = s2s.Seq2Seq(len(sv), len(tv), embed_dim=16, num_layers=2)
+    en, fr = pairs[1]
+    weights = s2s.cross_weights(model, en, fr, sv, tv)
+    assert len(weights) == 2 and not model.training
+    src, lengths = sv.batch([en])
+    tgt, _ = tv.batch([fr], bos=True)
+    _, expected = model(src, lengths, tgt, return_weights=True)
+    for w, e in zip(weights, expected, strict=True):
+        assert w.shape == (len(fr) + 1, len(en))
+        torch.testing.assert_close(w, e[0])
+        torch.testing.assert_close(w.sum(-1), torch.ones(len(fr) + 1))

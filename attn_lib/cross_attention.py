@@ -43,7 +43,7 @@ class CrossAttention(nn.Module):
 
     Only the origin of the inputs differs from self-attention: the queries come
     from ``x``, the keys and values from ``context``. It has nothing to do with
-    the number of heads (:class:`attn_lib.MultiHeadAttention` does cross-
+    the number of heads (``attn_lib.MultiHeadAttention`` does cross-
     attention with many heads when given a ``context``). Each query is scored
     against every key, so the cost is :math:`O(T \cdot S \cdot E)`.
 

@@ -8,6 +8,7 @@ Masks are boolean with True = may attend.
 
 from . import reference
 from .cache import KVCache
+from .cross_attention import CrossAttention
 from .devices import get_device
 from .functional import attention, available_backends, safe_softmax
 from .masks import causal_mask, padding_mask
@@ -16,6 +17,7 @@ from .plotting import plot_attention, plot_mask
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossAttention",
     "KVCache",
     "attention",
     "available_backends",

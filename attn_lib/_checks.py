@@ -135,6 +135,13 @@ def nonneg_int(value: Any, name: str) -> int:
     return value
 
 
+def flag(value: Any, name: str) -> bool:
+    """Check a Python bool (a truthy tensor or string is refused)."""
+    if not isinstance(value, bool):
+        fail(name, "be a bool", repr(value), exc=TypeError)
+    return value
+
+
 def scale(value: Any) -> None:
     """Check an optional softmax scale: ``None`` or a finite positive number."""
     if value is None:

@@ -42,6 +42,7 @@ class KVCache:
         """Append ``k`` ``(..., s, D)`` and ``v`` ``(..., s, Dv)``; return all keys and values."""
         _checks.tensor(k, "k", min_dim=2, floating=True)
         _checks.tensor(v, "v", min_dim=2, floating=True)
+        _checks.same_dtype_device(k=k, v=v)
         if k.shape[:-1] != v.shape[:-1]:
             _checks.fail(
                 "k and v",

@@ -47,6 +47,7 @@ def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
     is ``nan`` too. Here the row is first replaced by zeros (so the softmax is
     finite), then its weights are zeroed; both steps pass a zero gradient back.
     """
+    _checks.tensor(scores, "scores", min_dim=1, floating=True)
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (..., T, 1)
     weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1)
     return weights.masked_fill(empty, 0.0)
@@ -161,6 +162,8 @@ def attention(
     if bias is not None:
         _checks.bias(bias, target, q.device)
     _checks.scale(scale)
+    _checks.flag(is_causal, "is_causal")
+    _checks.flag(return_weights, "return_weights")
     dropout_p = _checks.probability(dropout_p, "dropout_p")
     _checks.choice(backend, "backend", BACKENDS)
     if backend != "auto" and backend not in _IMPLEMENTATIONS:

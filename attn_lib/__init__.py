@@ -6,7 +6,7 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import reference
+from . import costs, reference
 from .cache import KVCache
 from .devices import get_device
 from .functional import attention, available_backends, safe_softmax
@@ -20,6 +20,7 @@ __all__ = [
     "attention",
     "available_backends",
     "causal_mask",
+    "costs",
     "get_device",
     "padding_mask",
     "plot_attention",

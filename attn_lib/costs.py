@@ -8,10 +8,12 @@ rounds) and the growth of this process's resident memory during one call.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 import torch
@@ -125,36 +127,46 @@ def kv_cache_bytes(
 
 
 def time_calls(
-    calls: Mapping[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Wall-clock seconds of each call, measured in interleaved rounds.
+    calls: Mapping[Hashable, Callable[[], object]],
+    *,
+    repeats: int = 7,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[Hashable, list[float]]:
+    """Seconds taken by each call, measured in interleaved rounds.
 
-    Each round runs every call once, in order, timed with
-    :func:`time.perf_counter`. Interleaving means a burst of load from other
-    processes slows every call of a round alike, so ratios taken round by
-    round (then their median) stay steady on a busy machine.
+    Each round runs every call once, in order, timed with ``clock``.
+    Interleaving means a burst of load from other processes slows every call
+    of a round alike, so ratios taken round by round (then their median) stay
+    steady on a busy machine.
 
     Args:
         calls: name -> a function of no arguments.
         repeats: number of timed rounds.
         warmup: untimed rounds first (allocations, thread start-up).
+        clock: :func:`time.perf_counter` (wall clock, the default) or
+            :func:`time.process_time` (CPU time of this process: time spent
+            waiting for a core shared with other programs is not counted,
+            which suits a one-thread run on a busy machine).
 
     Returns:
         name -> the ``repeats`` times in seconds, round by round.
     """
     _checks.positive_int(repeats, "repeats")
     _checks.nonneg_int(warmup, "warmup")
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    times: dict[Hashable, list[float]] = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             call()
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return times
 
 
-def median_ratio(times: Mapping[str, list[float]], top: str, bottom: str) -> float:
+def median_ratio(
+    times: Mapping[Hashable, list[float]], top: Hashable, bottom: Hashable
+) -> float:
     """Median over rounds of ``times[top][i] / times[bottom][i]``."""
     pairs = zip(times[top], times[bottom], strict=True)
     return statistics.median(a / b for a, b in pairs)
@@ -169,12 +181,23 @@ def _status_kib(field: str) -> int:
     return int(match.group(1))
 
 
+def _release_free_memory() -> None:
+    """Hand memory that malloc keeps after ``free`` back to the kernel (glibc only)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def peak_memory_increase(call: Callable[[], object]) -> int | None:
     """Bytes by which this process's peak resident memory rose during ``call()``.
 
     The Linux kernel keeps a high-water mark of resident memory (``VmHWM``);
     writing ``5`` to ``/proc/self/clear_refs`` resets it to the current
-    resident size. So: reset, note the resident size, call, read the mark.
+    resident size. So: return freed memory to the kernel (glibc's
+    ``malloc_trim``, so that the call cannot silently reuse pages that are
+    already resident), reset the mark, note the resident size, call, read
+    the mark.
 
     Returns:
         The increase in bytes, or ``None`` where ``/proc`` cannot do this
@@ -182,11 +205,12 @@ def peak_memory_increase(call: Callable[[], object]) -> int | None:
 
     Limitations:
         It measures pages the process touched, at 4 KiB granularity, so it
-        counts every temporary (not just the score matrix) and misses memory
-        the allocator reused without returning it to the kernel first. Use it
-        for tensors of tens of MiB, where both effects are small.
+        counts every temporary (not just the score matrix), and memory an
+        allocator other than glibc's keeps for reuse can hide. Use it for
+        tensors of a few MiB or more.
     """
     try:
+        _release_free_memory()
         _CLEAR_REFS.write_text("5")
         before = _status_kib("VmRSS")
     except (OSError, AttributeError):

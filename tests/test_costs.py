@@ -77,3 +77,11 @@ def test_peak_memory_increase_sees_a_large_temporary():
     assert 0.9 * n <= grown <= 1.5 * n
     small = costs.peak_memory_increase(lambda: torch.ones(4).sum())
     assert small < n / 8
+
+
+def test_time_calls_uses_the_given_clock():
+    ticks = iter(range(100))
+    times = costs.time_calls(
+        {"a": lambda: None}, repeats=2, warmup=0, clock=lambda: next(ticks)
+    )
+    assert times == {"a": [1, 1]}

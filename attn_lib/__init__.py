@@ -6,7 +6,7 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import reference
+from . import costs, reference
 from .cache import KVCache
 from .cross_attention import CrossAttention
 from .devices import get_device
@@ -22,6 +22,7 @@ __all__ = [
     "attention",
     "available_backends",
     "causal_mask",
+    "costs",
     "get_device",
     "padding_mask",
     "plot_attention",

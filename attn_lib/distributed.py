@@ -62,19 +62,27 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _block_forward(q, k, v, mask, scale):
-    """Partial attention of ``q`` over one key block: ``(out, lse)`` in compute dtype."""
-    dtype = _compute_dtype(q.dtype)
-    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale  # (..., T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    """Partial attention of ``q`` over one key block: ``(out, lse)`` in compute dtype.
 
-    # A row with every score -inf: take the log-sum-exp of zeros instead (finite,
-    # finite gradient), then mark the row -inf; its weights are exp(-inf) = 0.
-    empty = torch.isneginf(scores).all(dim=-1)  # (..., T)
-    lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1)  # (..., T)
-    weights = torch.exp(scores - lse[..., None])  # (..., T, S)
-    out = weights @ v.to(dtype)  # (..., T, Dv)
-    return out, lse.masked_fill(empty, float("-inf"))
+    The score block is turned into weights in place, so one ``(T, S)`` block is
+    alive at a time; autograd still works (no step saves what a later one edits).
+    """
+    dtype = _compute_dtype(q.dtype)
+    scores = q.to(dtype) @ k.to(dtype).transpose(-2, -1)  # (..., T, S)
+    scores.mul_(scale)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+
+    # Shift by the row max (a constant: the gradient through it cancels), so
+    # exp() never overflows; a row that saw no key has max -inf: shift by 0.
+    row_max = _finite(scores.detach().amax(dim=-1, keepdim=True))  # (..., T, 1)
+    weights = scores.sub_(row_max).exp_()  # (..., T, S), in place
+    total = weights.sum(dim=-1)  # (..., T), 0 where the row saw no key
+    seen = total > 0
+    total = torch.where(seen, total, torch.ones_like(total))
+    out = (weights @ v.to(dtype)) / total[..., None]  # (..., T, Dv)
+    lse = row_max.squeeze(-1) + torch.log(total)  # (..., T)
+    return out, lse.masked_fill(~seen, float("-inf"))
 
 
 def block_attention(
@@ -191,14 +199,15 @@ def _block_backward(q, k, v, dout, lse, delta, mask, scale):
     """
     dtype = lse.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
+    scores = q @ k.transpose(-2, -1)  # (..., T, S)
+    scores.mul_(scale)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.exp(scores - _finite(lse)[..., None])  # (..., T, S)
+        scores.masked_fill_(~mask, float("-inf"))
+    weights = scores.sub_(_finite(lse)[..., None]).exp_()  # (..., T, S), in place
 
     dv = weights.transpose(-2, -1) @ dout  # (..., S, Dv)
-    dweights = dout @ v.transpose(-2, -1)  # (..., T, S)
-    dscores = weights * (dweights - delta[..., None]) * scale  # (..., T, S)
+    dscores = dout @ v.transpose(-2, -1)  # (..., T, S): d out / d weights
+    dscores.sub_(delta[..., None]).mul_(weights).mul_(scale)  # d out / d scores
     dq = dscores @ k  # (..., T, D)
     dk = dscores.transpose(-2, -1) @ q  # (..., S, D)
     return dq, dk, dv

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from . import _checks
 
@@ -524,6 +525,7 @@ class _RingAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, *ctx.options)
@@ -640,7 +642,8 @@ def ring_attention(
         out = ring_attention(q, k, v, is_causal=True)  # == shard of full attention
 
     Limitations:
-        No ``mask``, ``bias`` or dropout. Every rank must hold shards of the same
+        No ``mask``, ``bias`` or dropout; first-order gradients only (the
+        backward is not itself differentiable). Every rank must hold shards of the same
         shape, and the inputs are checked collectively (every rank raises the
         same error together rather than leave the others waiting). gloo needs
         CPU tensors and nccl CUDA tensors.

@@ -73,6 +73,23 @@ def test_merging_key_blocks_equals_attention_over_all_keys(gen):
     torch.testing.assert_close(swapped, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_partials_stay_within_twice_pytorchs_error(gen, dtype):
+    q, k, v = (
+        randn(gen, 2, 7, 16) * 4,
+        randn(gen, 2, 13, 16) * 4,
+        randn(gen, 2, 13, 8),
+    )
+    golden = F.scaled_dot_product_attention(q, k, v)
+    ql, kl, vl = (x.to(dtype) for x in (q, k, v))
+    parts = [block_attention(ql, kl[:, a:b], vl[:, a:b]) for a, b in ((0, 6), (6, 13))]
+    out, lse = merge_partials(*parts[0], *parts[1])
+    assert out.dtype == lse.dtype == torch.float32  # merged before rounding
+    ours = (out.to(dtype).double() - golden).abs().max()
+    theirs = (F.scaled_dot_product_attention(ql, kl, vl).double() - golden).abs().max()
+    assert ours <= 2 * theirs + 1e-3
+
+
 def test_merging_an_empty_partial_changes_nothing(gen):
     out, lse = randn(gen, 4, 3), randn(gen, 4)
     empty = (torch.zeros(4, 3, dtype=torch.float64), torch.full((4,), -float("inf")))

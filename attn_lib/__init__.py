@@ -6,10 +6,11 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import reference
+from . import costs, distributed, reference
 from .cache import KVCache
 from .cross_attention import CrossAttention
 from .devices import get_device
+from .distributed import ring_attention
 from .functional import attention, available_backends, safe_softmax
 from .masks import causal_mask, padding_mask
 from .plotting import plot_attention, plot_mask
@@ -22,10 +23,13 @@ __all__ = [
     "attention",
     "available_backends",
     "causal_mask",
+    "costs",
+    "distributed",
     "get_device",
     "padding_mask",
     "plot_attention",
     "plot_mask",
     "reference",
+    "ring_attention",
     "safe_softmax",
 ]

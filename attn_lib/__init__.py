@@ -6,8 +6,9 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import reference
+from . import reference, triton_kernel
 from .cache import KVCache
+from .chunked import chunked_attention
 from .devices import get_device
 from .functional import attention, available_backends, safe_softmax
 from .masks import causal_mask, padding_mask
@@ -20,10 +21,12 @@ __all__ = [
     "attention",
     "available_backends",
     "causal_mask",
+    "chunked_attention",
     "get_device",
     "padding_mask",
     "plot_attention",
     "plot_mask",
     "reference",
     "safe_softmax",
+    "triton_kernel",
 ]

@@ -22,12 +22,22 @@ Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 # name -> function(q, k, v, allowed, bias, scale, dropout_p) -> out; filled below
 # and by the modules that add backends, so ``attention()`` knows what exists.
 _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+# backends that take ``is_causal=`` themselves instead of a materialized (T, S) mask
+_CAUSAL_AWARE: set[str] = set()
 
 
-def register_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Make ``backend=name`` run ``fn(q, k, v, allowed, bias, scale, dropout_p)``."""
+def register_backend(
+    name: str, fn: Callable[..., torch.Tensor], *, causal: bool = False
+) -> None:
+    """Make ``backend=name`` run ``fn(q, k, v, allowed, bias, scale, dropout_p)``.
+
+    With ``causal=True`` the causal mask is not built: ``fn`` gets the user's
+    mask as ``allowed`` and a keyword ``is_causal`` (so it can skip work).
+    """
     _checks.choice(name, "backend", BACKENDS[1:])
     _IMPLEMENTATIONS[name] = fn
+    if causal:
+        _CAUSAL_AWARE.add(name)
 
 
 def available_backends() -> tuple[str, ...]:
@@ -171,12 +181,17 @@ def attention(
         )
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    chosen = backend
+    if backend == "auto":
+        chosen = _choose_backend(q, return_weights, dropout_p, bias, mask, is_causal)
+    if chosen in _CAUSAL_AWARE and not return_weights:
+        fn = _IMPLEMENTATIONS[chosen]
+        return fn(q, k, v, mask, bias, scale, dropout_p, is_causal=bool(is_causal))
     allowed = mask
     if is_causal:
         causal = causal_mask(t, s, device=q.device)  # (T, S)
         allowed = causal if allowed is None else allowed & causal
 
-    chosen = _choose_backend(return_weights) if backend == "auto" else backend
     if return_weights:
         if chosen != "math":
             _checks.fail(

@@ -49,70 +49,118 @@ def _tile(x: torch.Tensor | None, i0: int, i1: int, j0: int, j1: int):
     return x[..., rows, cols]
 
 
-def _scores(qs, k, mask, bias, block: Block, offset: int) -> torch.Tensor:
-    """Scores of one tile: ``(scale q) k^T + bias``, ``-inf`` where not allowed."""
+def _scores(qs, k1, shift, mask, bias, block: Block, lead, offset: int):
+    """One tile of ``(scale q) k^T + bias - shift``, ``-inf`` where not allowed.
+
+    ``qs`` ``(N, T, D)`` and ``k1`` ``(N, S, D + 1)`` have their leading dims
+    flattened into ``N``; ``k1`` ends in a column of ones, so appending
+    ``-shift`` ``(N, bq, 1)`` to the queries subtracts it inside the matmul:
+    no extra pass over the tile.
+    """
     i0, i1, j0, j1, diagonal = block
-    scores = qs[..., i0:i1, :] @ k[..., j0:j1, :].transpose(-2, -1)  # (..., bq, bk)
+    q1 = torch.cat([qs[:, i0:i1], -shift], -1)  # (N, bq, D + 1)
+    scores = q1 @ k1[:, j0:j1].transpose(1, 2)  # (N, bq, bk)
+    view = scores.view(*lead, i1 - i0, j1 - j0)  # (..., bq, bk)
     if bias is not None:
-        scores += _tile(bias, i0, i1, j0, j1)
+        view += _tile(bias, i0, i1, j0, j1)
     if mask is not None:
-        scores.masked_fill_(~_tile(mask, i0, i1, j0, j1), float("-inf"))
+        view.masked_fill_(~_tile(mask, i0, i1, j0, j1), float("-inf"))
     if diagonal:
         i = torch.arange(i0, i1, device=qs.device)[:, None]  # (bq, 1)
         j = torch.arange(j0, j1, device=qs.device)[None, :]  # (1, bk)
-        scores.masked_fill_(j > i + offset, float("-inf"))
+        view.masked_fill_(j > i + offset, float("-inf"))
     return scores
+
+
+def _tile_sums(tensors, block, shift, lse_b, safe: bool, lead, offset: int):
+    """``exp(scores - shift) @ [v, 1]`` for one tile: weighted values and their sum.
+
+    The fast path shifts by the row's log-sum-exp so far (no pass for a max).
+    The safe path, for rows that have seen no key yet or a tile whose scores
+    overflowed, also shifts by the tile's own row maximum, as the textbook
+    online softmax does.
+    """
+    qs, k1, v1, mask, bias = tensors
+    scores = _scores(qs, k1, shift, mask, bias, block, lead, offset)  # (N, bq, bk)
+    if safe:
+        top = scores.amax(-1, keepdim=True)  # (N, bq, 1)
+        top = torch.where(torch.isneginf(lse_b) | (top > 0), top, 0.0)
+        top = top.nan_to_num(neginf=0.0)  # a row with no allowed key here: 0
+        scores.sub_(top)
+        shift = shift + top
+    j0, j1 = block[2], block[3]
+    return scores.exp_() @ v1[:, j0:j1], shift  # (N, bq, Dv + 1), (N, bq, 1)
+
+
+def _fold(out_b, lse_b, ext, shift) -> None:
+    """Merge one tile's sums into the running output and log-sum-exp, in place."""
+    old = (lse_b - shift).exp_()  # weight of the keys seen before; 0 if none
+    total = old + ext[..., -1:]  # (N, bq, 1)
+    out_b.mul_(old).add_(ext[..., :-1]).div_(total.masked_fill(total == 0, 1.0))
+    lse_b.copy_(shift + total.log())  # -inf for a row with no allowed key
+
+
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(..., L, D)`` -> ``(N, L, D)`` in the compute dtype."""
+    return x.to(dtype).reshape(-1, *x.shape[-2:])  # (N, L, D)
+
+
+def _with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(..., L, D)`` -> ``(N, L, D + 1)``: flattened, with a last column of ones."""
+    x = _flat(x, dtype)  # (N, L, D)
+    return torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1)  # (N, L, D + 1)
 
 
 def _forward(q, k, v, mask, bias, causal, scale, size):
     """Online softmax over key tiles; returns ``out`` and the row log-sum-exp."""
-    dtype = _compute_dtype(q.dtype)
-    qs, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    t, s = q.shape[-2], k.shape[-2]
-    m = torch.full((*q.shape[:-1], 1), float("-inf"), dtype=dtype, device=q.device)
-    total = torch.zeros_like(m)  # (..., T, 1)
-    acc = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=dtype, device=q.device)
+    dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
+    qs, k1, v1 = _flat(q, dtype) * scale, _with_ones(k, dtype), _with_ones(v, dtype)
+    tensors = (qs, k1, v1, mask, None if bias is None else bias.to(dtype))
+    t, s = qs.shape[1], k1.shape[1]
+    out = qs.new_zeros(qs.shape[0], t, v.shape[-1])  # (N, T, Dv)
+    lse = qs.new_full((qs.shape[0], t, 1), float("-inf"))  # (N, T, 1)
 
     for block in _blocks(t, s, size, causal):
-        i0, i1, j0, j1, _ = block
-        p = _scores(qs, k, mask, bias, block, s - t)  # (..., bq, bk)
-        m_old = m[..., i0:i1, :]
-        m_new = torch.maximum(m_old, p.amax(-1, keepdim=True))  # (..., bq, 1)
-        shift = m_new.masked_fill(torch.isneginf(m_new), 0.0)  # empty so far: 0
-        p.sub_(shift).exp_()
-        alpha = (m_old - shift).exp_()  # rescales the sums taken under m_old
-        total[..., i0:i1, :].mul_(alpha).add_(p.sum(-1, keepdim=True))
-        acc[..., i0:i1, :].mul_(alpha).add_(p @ v[..., j0:j1, :])  # (..., bq, Dv)
-        m[..., i0:i1, :] = m_new
+        i0, i1 = block[0], block[1]
+        lse_b = lse[:, i0:i1]
+        shift = lse_b.nan_to_num(neginf=0.0)  # (N, bq, 1)
+        safe = bool(torch.isneginf(lse_b).any())
+        ext, shift2 = _tile_sums(tensors, block, shift, lse_b, safe, lead, s - t)
+        if not safe and not bool(torch.isfinite(ext[..., -1]).all()):
+            ext, shift2 = _tile_sums(tensors, block, shift, lse_b, True, lead, s - t)
+        _fold(out[:, i0:i1], lse_b, ext, shift2)
 
-    out = acc / total.masked_fill(total == 0, 1.0)  # a row with no allowed key stays 0
-    return out.to(q.dtype), (m + total.log()).squeeze(-1)  # (..., T, Dv), (..., T)
+    out = out.view(*lead, t, v.shape[-1]).to(q.dtype)  # (..., T, Dv)
+    return out, lse.view(*lead, t)  # (..., T)
 
 
 def _backward(grad_out, q, k, v, mask, bias, out, lse, causal, scale, size, dbias):
     """Gradients of q, k, v (and bias) by recomputing each tile's weights."""
-    dtype = _compute_dtype(q.dtype)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    qs, do = q * scale, grad_out.to(dtype)
+    dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
+    q, k, v, do = (_flat(x, dtype) for x in (q, k, v, grad_out))  # (N, L, D)
+    qs, k1 = q * scale, torch.cat([k, k.new_ones(*k.shape[:2], 1)], -1)
     bias = None if bias is None else bias.to(dtype)
-    delta = (do * out.to(dtype)).sum(-1, keepdim=True)  # (..., T, 1)
-    lse = lse.masked_fill(torch.isneginf(lse), float("inf")).unsqueeze(-1)
+    delta = (do * _flat(out, dtype)).sum(-1, keepdim=True)  # (N, T, 1)
+    lse = _flat(lse.unsqueeze(-1), dtype)  # (N, T, 1)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # empty row: p = 0
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
-    t, s = q.shape[-2], k.shape[-2]
+    t, s = q.shape[1], k.shape[1]
     for block in _blocks(t, s, size, causal):
         i0, i1, j0, j1, _ = block
-        p = _scores(qs, k, mask, bias, block, s - t).sub_(lse[..., i0:i1, :]).exp_()
-        dv[..., j0:j1, :] += p.transpose(-2, -1) @ do[..., i0:i1, :]  # (..., bk, Dv)
-        dp = do[..., i0:i1, :] @ v[..., j0:j1, :].transpose(-2, -1)  # (..., bq, bk)
-        ds = p.mul_(dp.sub_(delta[..., i0:i1, :]))  # d(loss)/d(score), in place
-        dq[..., i0:i1, :] += (ds @ k[..., j0:j1, :]) * scale  # (..., bq, D)
-        dk[..., j0:j1, :] += (ds.transpose(-2, -1) @ q[..., i0:i1, :]) * scale
+        p = _scores(qs, k1, lse[:, i0:i1], mask, bias, block, lead, s - t).exp_()
+        dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do[:, i0:i1])  # (N, bk, Dv)
+        dp = do[:, i0:i1] @ v[:, j0:j1].transpose(1, 2)  # (N, bq, bk)
+        ds = p.mul_(dp.sub_(delta[:, i0:i1]))  # d(loss)/d(score), in place
+        dq[:, i0:i1].baddbmm_(ds, k[:, j0:j1], alpha=scale)  # (N, bq, D)
+        dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q[:, i0:i1], alpha=scale)
         if dbias is not None:
             tile = _tile(dbias, i0, i1, j0, j1)
-            tile += ds.sum_to_size(tile.shape)
-    return dq, dk, dv
+            tile += ds.view(*lead, i1 - i0, j1 - j0).sum_to_size(tile.shape)
+    shapes = (x.shape for x in (q, k, v))
+    return tuple(
+        g.view(*lead, *sh[1:]) for g, sh in zip((dq, dk, dv), shapes, strict=True)
+    )
 
 
 class _ChunkedAttention(torch.autograd.Function):

@@ -7,6 +7,7 @@ biases broadcast to ``(..., T, S)``. Masks are boolean, True = may attend.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -109,9 +110,44 @@ register_backend("math", _math)
 register_backend("sdpa", _sdpa)
 
 
-def _choose_backend(return_weights: bool) -> str:
-    """What ``backend="auto"`` runs: the fused kernel unless weights are wanted."""
-    return "math" if return_weights else "sdpa"
+_WARNED: set[str] = set()  # fallback reasons already reported
+
+
+def _sdpa_fallback_reason(device: torch.device) -> str:
+    """Why SDPA would not be fast here (``""`` when it is)."""
+    if device.type != "cuda":
+        return ""
+    cuda = torch.backends.cuda
+    kernels = ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "cudnn_sdp_enabled")
+    if any(getattr(cuda, name, lambda: False)() for name in kernels):
+        return ""
+    return (
+        "SDPA's fused CUDA kernels are all disabled, leaving its quadratic math kernel"
+    )
+
+
+def _choose_backend(q, return_weights, dropout_p, bias, mask, is_causal) -> str:
+    """What ``backend="auto"`` runs, warning once with the reason when it falls back.
+
+    Weights requested: ``"math"``, the only path that forms them. Otherwise
+    ``"sdpa"``, PyTorch's fused kernels, the fastest path measured by
+    ``python -m attn_lib.bench``; if SDPA cannot run fused here (and there is
+    no dropout), ``"triton"`` when it can run these inputs, else ``"chunked"``.
+    """
+    if return_weights:
+        return "math"
+    reason = _sdpa_fallback_reason(q.device)
+    if not reason or dropout_p > 0.0:
+        return "sdpa"
+    from .triton_kernel import check_runnable
+
+    why_not = check_runnable(q, bias) if "triton" in _IMPLEMENTATIONS else "no triton"
+    chosen = "chunked" if why_not else "triton"
+    message = f"backend='auto' runs {chosen!r}, not 'sdpa': {reason}"
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return chosen
 
 
 def attention(

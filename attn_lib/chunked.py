@@ -112,7 +112,7 @@ def _with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _forward(q, k, v, mask, bias, causal, scale, size):
-    """Online softmax over key tiles; returns ``out`` and the row log-sum-exp."""
+    """Online softmax over key tiles; ``out`` and row log-sum-exp in compute dtype."""
     dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
     qs, k1, v1 = _flat(q, dtype) * scale, _with_ones(k, dtype), _with_ones(v, dtype)
     tensors = (qs, k1, v1, mask, None if bias is None else bias.to(dtype))
@@ -130,8 +130,7 @@ def _forward(q, k, v, mask, bias, causal, scale, size):
             ext, shift2 = _tile_sums(tensors, block, shift, lse_b, True, lead, s - t)
         _fold(out[:, i0:i1], lse_b, ext, shift2)
 
-    out = out.view(*lead, t, v.shape[-1]).to(q.dtype)  # (..., T, Dv)
-    return out, lse.view(*lead, t)  # (..., T)
+    return out.view(*lead, t, v.shape[-1]), lse.view(*lead, t)  # (..., T, Dv), (..., T)
 
 
 def _backward(grad_out, q, k, v, mask, bias, out, lse, causal, scale, size, dbias):
@@ -169,9 +168,9 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, causal, scale, size):
         out, lse = _forward(q, k, v, mask, bias, causal, scale, size)
-        ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+        ctx.save_for_backward(q, k, v, bias, mask, out, lse)  # out: fp32 for fp16
         ctx.options = (causal, scale, size)
-        return out
+        return out.to(q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

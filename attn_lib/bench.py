@@ -101,6 +101,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this process; returns its time, throughput and memory."""
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     b, h, n, d = spec["batch"], spec["heads"], spec["length"], spec["dim"]
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype) for _ in "qkv")
@@ -132,7 +134,15 @@ def _run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def device_name(device: torch.device) -> str:
+def _run_here(spec: dict[str, Any]) -> dict[str, Any]:
+    """``measure(spec)`` in this process; a failure is reported, not raised."""
+    try:
+        return measure(spec)
+    except Exception as err:  # e.g. out of memory: the table says so
+        return {**spec, "error": [f"{type(err).__name__}: {err}"]}
+
+
+def device_name(device: torch.device, threads: int | None = None) -> str:
     """A readable name for the hardware: the GPU's, or the CPU model."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -142,7 +152,7 @@ def device_name(device: torch.device) -> str:
         name = model.split(":", 1)[1].strip()
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    return f"{name} ({torch.get_num_threads()} threads)"
+    return f"{name} ({threads or torch.get_num_threads()} threads)"
 
 
 def _cases(backends: Sequence[str], device: torch.device) -> list[tuple[str, bool]]:
@@ -170,6 +180,8 @@ def run(
     device: str | None = None,
     repeats: int = 3,
     block_size: int = 512,
+    threads: int | None = None,
+    isolate: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Benchmark every (backend, causal) case at every length, each in its own process.
@@ -182,6 +194,11 @@ def run(
         device: defaults to :func:`attn_lib.get_device`.
         repeats: timed calls per case (the median is kept).
         block_size: the tile size of ``"chunked"``.
+        threads: CPU threads per case (default: PyTorch's choice). On a busy
+            shared machine one thread gives steadier numbers.
+        isolate: run each case in a fresh process (about 2 s each). ``False``
+            runs them here, faster, but memory freed by one case can then hide
+            part of the next one's peak (the report says so).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -202,18 +219,23 @@ def run(
     dev = torch.device(device) if device else get_device()
     base = {"batch": batch, "heads": heads, "dim": dim, "dtype": dtype}
     base |= {"device": str(dev), "repeats": repeats, "block_size": block_size}
+    base |= {"threads": threads}
     specs = [
         {**base, "backend": b, "causal": c, "length": n}
         for n in lengths
         for b, c in _cases(backends, dev)
     ]
-    results = [_run_isolated(s) for s in tqdm(specs, disable=not progress)]
+    one = _run_isolated if isolate else _run_here
+    results = [one(s) for s in tqdm(specs, disable=not progress)]
     _add_ratios(results)
+    method = MEMORY_METHOD.get(dev.type, "not measured on this device")
+    if not isolate and dev.type != "cuda":
+        method += " (in one process here: a lower bound)"
     return {
-        "device": device_name(dev),
+        "device": device_name(dev, threads),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "memory_method": MEMORY_METHOD.get(dev.type, "not measured on this device"),
+        "memory_method": method,
         "results": results,
     }
 
@@ -262,7 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default="bench_results/bench.json", help="report path")
+    p.add_argument(
+        "--in-process", action="store_true", help="faster, memory less exact"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one case, for run()
     args = p.parse_args(argv)
@@ -273,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run(
         args.lengths, batch=args.batch, heads=args.heads, dim=args.dim,
         dtype=args.dtype, backends=args.backends, device=args.device,
-        repeats=args.repeats, block_size=args.block_size,
-        progress=not args.no_progress,
+        repeats=args.repeats, block_size=args.block_size, threads=args.threads,
+        isolate=not args.in_process, progress=not args.no_progress,
     )  # fmt: skip
     print(format_table(report))
     if args.json:

@@ -5,31 +5,40 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MATHJAX_VERSION := 3.2.2
-MATHJAX := _static/mathjax/tex-chtml.js
-
-.PHONY: book test lint unit notebooks clean
-
-$(STAMP): requirements.txt pyproject.toml
-	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
-	touch $(STAMP)
+MATHJAX_DIR := _vendor/mathjax
+MATHJAX := $(MATHJAX_DIR)/tex-chtml.js
 
 # MathJax 3 served from the book itself, so math renders without a CDN.
 # Only tex-chtml.js, its fonts and the TeX extensions it autoloads are kept.
+# It lives in _vendor/, not _static/: Jupyter Book adds a <script> tag for every
+# .js file under a root _static/ folder, which would load all of MathJax's
+# extensions on every page (and break it).
 $(MATHJAX):
-	rm -rf _static/mathjax $(VENV)/mathjax && mkdir -p $(VENV)/mathjax
+	rm -rf $(MATHJAX_DIR) $(VENV)/mathjax && mkdir -p $(VENV)/mathjax
 	cd $(VENV)/mathjax && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null \
 	    && tar -xzf mathjax-$(MATHJAX_VERSION).tgz
-	mkdir -p _static/mathjax/output/chtml/fonts _static/mathjax/input/tex
-	cp $(VENV)/mathjax/package/es5/tex-chtml.js _static/mathjax/
+	mkdir -p $(MATHJAX_DIR)/output/chtml/fonts $(MATHJAX_DIR)/input/tex
+	cp $(VENV)/mathjax/package/es5/tex-chtml.js $(MATHJAX_DIR)/
 	cp -r $(VENV)/mathjax/package/es5/output/chtml/fonts/woff-v2 \
-	    _static/mathjax/output/chtml/fonts/
-	cp -r $(VENV)/mathjax/package/es5/input/tex/extensions _static/mathjax/input/tex/
+	    $(MATHJAX_DIR)/output/chtml/fonts/
+	cp -r $(VENV)/mathjax/package/es5/input/tex/extensions $(MATHJAX_DIR)/input/tex/
 	cp -r $(VENV)/mathjax/package/es5/ui $(VENV)/mathjax/package/es5/a11y \
-	    $(VENV)/mathjax/package/es5/sre _static/mathjax/
+	    $(VENV)/mathjax/package/es5/sre $(MATHJAX_DIR)/
 
 book: $(STAMP) $(MATHJAX)
 	$(BIN)/jupyter-book build . -W -n --keep-going
+
+# Every built page in headless Chromium (Debian's chromium), served from 127.0.0.1:
+# math typeset, images loaded, no errors, links and anchors resolve, launch
+# buttons, search. Screenshots go to _build/screenshots. Run after `make book`.
+browser-check: $(STAMP)
+	$(BIN)/python tests/browser_check.py _build/html --screenshots _build/screenshots
+
+# A chapter run the Colab way: a fresh environment with torch preinstalled, where
+# the first cell installs only attn_lib (from a clean copy of this tree).
+COLAB_NOTEBOOK ?= book/02_scaled_dot_product.ipynb
+colab-check: $(STAMP)
+	$(BIN)/python tests/colab_check.py $(COLAB_NOTEBOOK)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check attn_lib tests book
@@ -45,4 +54,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests book --nbval --nbval-sanitize-with tests/sanitize.cfg
 
 clean:
-	rm -rf _build _static/mathjax
+	rm -rf _build $(MATHJAX_DIR)

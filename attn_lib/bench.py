@@ -212,7 +212,7 @@ def run(
         >>> sorted({r["backend"] for r in report["results"]})
         ['chunked', 'sdpa']
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .devices import get_device
 

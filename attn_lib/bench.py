@@ -202,7 +202,7 @@ def run(
         progress: show a tqdm progress bar.
 
     Returns:
-        A report: ``device``, ``date``, ``torch``, ``memory_method`` and
+        The report, a dict with ``device``, ``date``, ``torch``, ``memory_method`` and
         ``results``, one dict per case with ``time_ms``, ``gflops``,
         ``peak_bytes`` and ``vs_sdpa``. Cases that failed (for example, out
         of memory) carry an ``error`` instead.

@@ -6,8 +6,9 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import costs, distributed, reference
+from . import costs, distributed, reference, triton_kernel
 from .cache import KVCache
+from .chunked import chunked_attention
 from .cross_attention import CrossAttention
 from .devices import get_device
 from .distributed import ring_attention
@@ -23,6 +24,7 @@ __all__ = [
     "attention",
     "available_backends",
     "causal_mask",
+    "chunked_attention",
     "costs",
     "distributed",
     "get_device",
@@ -32,4 +34,5 @@ __all__ = [
     "reference",
     "ring_attention",
     "safe_softmax",
+    "triton_kernel",
 ]

@@ -7,6 +7,7 @@ biases broadcast to ``(..., T, S)``. Masks are boolean, True = may attend.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,12 +23,22 @@ Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 # name -> function(q, k, v, allowed, bias, scale, dropout_p) -> out; filled below
 # and by the modules that add backends, so ``attention()`` knows what exists.
 _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+# backends that take ``is_causal=`` themselves instead of a materialized (T, S) mask
+_CAUSAL_AWARE: set[str] = set()
 
 
-def register_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Make ``backend=name`` run ``fn(q, k, v, allowed, bias, scale, dropout_p)``."""
+def register_backend(
+    name: str, fn: Callable[..., torch.Tensor], *, causal: bool = False
+) -> None:
+    """Make ``backend=name`` run ``fn(q, k, v, allowed, bias, scale, dropout_p)``.
+
+    With ``causal=True`` the causal mask is not built: ``fn`` gets the user's
+    mask as ``allowed`` and a keyword ``is_causal`` (so it can skip work).
+    """
     _checks.choice(name, "backend", BACKENDS[1:])
     _IMPLEMENTATIONS[name] = fn
+    if causal:
+        _CAUSAL_AWARE.add(name)
 
 
 def available_backends() -> tuple[str, ...]:
@@ -100,9 +111,44 @@ register_backend("math", _math)
 register_backend("sdpa", _sdpa)
 
 
-def _choose_backend(return_weights: bool) -> str:
-    """What ``backend="auto"`` runs: the fused kernel unless weights are wanted."""
-    return "math" if return_weights else "sdpa"
+_WARNED: set[str] = set()  # fallback reasons already reported
+
+
+def _sdpa_fallback_reason(device: torch.device) -> str:
+    """Why SDPA would not be fast here (``""`` when it is)."""
+    if device.type != "cuda":
+        return ""
+    cuda = torch.backends.cuda
+    kernels = ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "cudnn_sdp_enabled")
+    if any(getattr(cuda, name, lambda: False)() for name in kernels):
+        return ""
+    return (
+        "SDPA's fused CUDA kernels are all disabled, leaving its quadratic math kernel"
+    )
+
+
+def _choose_backend(q, return_weights, dropout_p, bias, mask, is_causal) -> str:
+    """What ``backend="auto"`` runs, warning once with the reason when it falls back.
+
+    Weights requested: ``"math"``, the only path that forms them. Otherwise
+    ``"sdpa"``, PyTorch's fused kernels, the fastest path measured by
+    ``python -m attn_lib.bench``; if SDPA cannot run fused here (and there is
+    no dropout), ``"triton"`` when it can run these inputs, else ``"chunked"``.
+    """
+    if return_weights:
+        return "math"
+    reason = _sdpa_fallback_reason(q.device)
+    if not reason or dropout_p > 0.0:
+        return "sdpa"
+    from .triton_kernel import check_runnable
+
+    why_not = check_runnable(q, bias) if "triton" in _IMPLEMENTATIONS else "no triton"
+    chosen = "chunked" if why_not else "triton"
+    message = f"backend='auto' runs {chosen!r}, not 'sdpa': {reason}"
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return chosen
 
 
 def attention(
@@ -174,12 +220,17 @@ def attention(
         )
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    chosen = backend
+    if backend == "auto":
+        chosen = _choose_backend(q, return_weights, dropout_p, bias, mask, is_causal)
+    if chosen in _CAUSAL_AWARE and not return_weights:
+        fn = _IMPLEMENTATIONS[chosen]
+        return fn(q, k, v, mask, bias, scale, dropout_p, is_causal=bool(is_causal))
     allowed = mask
     if is_causal:
         causal = causal_mask(t, s, device=q.device)  # (T, S)
         allowed = causal if allowed is None else allowed & causal
 
-    chosen = _choose_backend(return_weights) if backend == "auto" else backend
     if return_weights:
         if chosen != "math":
             _checks.fail(

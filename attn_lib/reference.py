@@ -117,3 +117,76 @@ def scaled_dot_product_attention(
     weights = softmax(scores, axis=-1)  # (..., T, S)
     out = weights @ v  # (..., T, Dv)
     return out, weights
+
+
+def _online_step(state, scores, v_block):
+    """Fold one key block into the running (max, sum, weighted values) of each row."""
+    m, total, acc = state
+    m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))  # (..., T, 1)
+    shift = np.where(np.isfinite(m_new), m_new, 0.0)  # a row with no key yet: 0
+    p = np.exp(scores - shift)  # (..., T, block)
+    alpha = np.exp(m - shift)  # rescales what was summed under the old max
+    return m_new, alpha * total + p.sum(-1, keepdims=True), alpha * acc + p @ v_block
+
+
+def tiled_attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    scale: float | None = None,
+    block_size: int = 4,
+) -> np.ndarray:
+    r"""Attention one block of keys at a time, with the online softmax, in float64.
+
+    Each query row keeps a running maximum :math:`m`, a running sum
+    :math:`\ell = \sum_j e^{s_j - m}` and a running weighted sum of values
+    :math:`a = \sum_j e^{s_j - m} v_j`. A new block with maximum
+    :math:`m' \ge m` rescales both by :math:`e^{m - m'}` before adding its
+    own terms; at the end :math:`\mathrm{out} = a / \ell`. Only a
+    ``(T, block_size)`` slice of scores ever exists.
+
+    Args:
+        q: queries ``(..., T, D)``.
+        k: keys ``(..., S, D)``.
+        v: values ``(..., S, Dv)``.
+        mask: bool, broadcastable to ``(..., T, S)``; True = may attend.
+        scale: multiplies the scores; defaults to ``1/sqrt(D)``.
+        block_size: keys per block, a positive int.
+
+    Returns:
+        ``out`` ``(..., T, Dv)``, equal to
+        :func:`scaled_dot_product_attention`'s; a query that may attend to
+        nothing gets zeros.
+
+    Example:
+        >>> q = k = np.eye(3); v = np.arange(3.0)[:, None]
+        >>> full, _ = scaled_dot_product_attention(q, k, v)
+        >>> bool(np.allclose(tiled_attention(q, k, v, block_size=2), full))
+        True
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    _check_arrays(q, k, v)
+    _checks.scale(scale)
+    _checks.positive_int(block_size, "block_size")
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
+    t, s = q.shape[-2], k.shape[-2]
+    if mask is not None:
+        mask = np.asarray(mask)
+        _check_mask(mask, (*np.broadcast_shapes(q.shape[:-2], k.shape[:-2]), t, s))
+        mask = np.broadcast_to(mask, mask.shape[:-2] + (t, s))  # (..., T, S)
+
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    state = (
+        np.full((*lead, t, 1), -np.inf),  # running max m
+        np.zeros((*lead, t, 1)),  # running sum l
+        np.zeros((*lead, t, v.shape[-1])),  # running weighted values a
+    )
+    for j in range(0, s, block_size):
+        scores = scale * (q @ np.swapaxes(k[..., j : j + block_size, :], -1, -2))
+        if mask is not None:  # scores: (..., T, block)
+            scores = np.where(mask[..., j : j + block_size], scores, -np.inf)
+        state = _online_step(state, scores, v[..., j : j + block_size, :])
+    _, total, acc = state
+    return acc / np.where(total > 0, total, 1.0)  # (..., T, Dv); empty rows stay 0

@@ -83,3 +83,67 @@ def test_sdpa_rejects_mismatched_shapes():
         reference.scaled_dot_product_attention(
             np.ones((2, 4)), np.ones((3, 4)), np.ones((3, 1)), np.ones((3, 3), bool)
         )
+
+
+# --- tiled_attention: the online softmax -------------------------------------------
+
+
+def _qkv(rng, t=7, s=13, d=5, dv=3, lead=(2,)):
+    return (
+        rng.normal(size=(*lead, t, d)),
+        rng.normal(size=(*lead, s, d)),
+        rng.normal(size=(*lead, s, dv)),
+    )
+
+
+@pytest.mark.parametrize("block_size", range(1, 15))
+def test_tiled_equals_plain_for_every_block_size(block_size):
+    rng = np.random.default_rng(block_size)
+    q, k, v = _qkv(rng)
+    mask = rng.random((7, 13)) < 0.6
+    mask[2] = False  # a query that may attend to nothing
+    expected, _ = reference.scaled_dot_product_attention(q, k, v, mask)
+    out = reference.tiled_attention(q, k, v, mask, block_size=block_size)
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+    np.testing.assert_array_equal(out[:, 2], 0.0)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 4])
+def test_tiled_with_fully_masked_blocks(block_size):
+    rng = np.random.default_rng(0)
+    q, k, v = _qkv(rng, s=12)
+    mask = np.ones((7, 12), dtype=bool)
+    mask[:, :4] = False  # the first blocks see nothing: the running max stays -inf
+    mask[:, 8:] = False  # and the last ones too
+    expected, _ = reference.scaled_dot_product_attention(q, k, v, mask)
+    out = reference.tiled_attention(q, k, v, mask, block_size=block_size)
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_tiled_with_scores_far_below_and_above_zero(scale):
+    rng = np.random.default_rng(1)
+    q, k, v = _qkv(rng)
+    k = k - 40.0 * q.mean(-2, keepdims=True)  # most scores far below zero
+    expected, _ = reference.scaled_dot_product_attention(q, k, v, scale=scale)
+    for block_size in (1, 4, 13):
+        out = reference.tiled_attention(q, k, v, scale=scale, block_size=block_size)
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out, expected, atol=1e-10)
+
+
+def test_tiled_all_blocks_masked_gives_zeros_not_nan():
+    rng = np.random.default_rng(2)
+    q, k, v = _qkv(rng)
+    out = reference.tiled_attention(q, k, v, np.zeros((7, 13), bool), block_size=4)
+    np.testing.assert_array_equal(out, 0.0)
+
+
+def test_tiled_refuses_bad_arguments():
+    q = np.ones((3, 4))
+    with pytest.raises(ValueError, match=r"block_size must be a positive int; got 0"):
+        reference.tiled_attention(q, q, q, block_size=0)
+    with pytest.raises(TypeError, match=r"mask must be a bool array"):
+        reference.tiled_attention(q, q, q, np.ones((3, 3)))
+    with pytest.raises(ValueError, match=r"mask must be broadcastable to \(3, 3\)"):
+        reference.tiled_attention(q, q, q, np.ones((2, 3), bool))

@@ -1,0 +1,284 @@
+"""Chunked attention: the online softmax over blocks of keys, in PyTorch ops.
+
+Queries are cut into blocks of ``block_size`` rows and keys into blocks of
+``block_size`` columns; only one ``(..., block, block)`` tile of scores exists
+at a time, so extra memory grows linearly with the sequence length instead of
+quadratically. The backward pass recomputes the tiles instead of storing them.
+
+Shapes: q ``(..., T, D)``, k ``(..., S, D)``, v ``(..., S, Dv)``; masks and
+biases broadcast to ``(..., T, S)``. Masks are boolean, True = may attend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from . import _checks
+from .functional import _compute_dtype, register_backend
+
+DEFAULT_BLOCK_SIZE = 512
+
+Block = tuple[int, int, int, int, bool]  # i0, i1, j0, j1, needs a causal mask
+
+
+def _blocks(t: int, s: int, size: int, causal: bool) -> Iterator[Block]:
+    """The (query block, key block) tiles to compute, skipping those above the diagonal.
+
+    Causal alignment is bottom-right: query ``i`` sees key ``j`` iff
+    ``j <= i + (S - T)``. A tile whose first key is beyond what its last query
+    may see is skipped; a tile that straddles the diagonal needs a mask.
+    """
+    offset = s - t
+    for i0 in range(0, t, size):
+        i1 = min(i0 + size, t)
+        stop = min(s, i1 + offset) if causal else s  # keys j < stop are visible
+        for j0 in range(0, max(stop, 0), size):
+            j1 = min(j0 + size, s)
+            yield i0, i1, j0, j1, causal and j1 - 1 > i0 + offset
+
+
+def _tile(x: torch.Tensor | None, i0: int, i1: int, j0: int, j1: int):
+    """The ``[i0:i1, j0:j1]`` tile of a mask or bias, keeping broadcast dims of size 1."""
+    if x is None:
+        return None
+    rows = slice(i0, i1) if x.shape[-2] != 1 else slice(None)
+    cols = slice(j0, j1) if x.shape[-1] != 1 else slice(None)
+    return x[..., rows, cols]
+
+
+def _scores(qs, k1, shift, mask, bias, block: Block, lead, offset: int):
+    """One tile of ``(scale q) k^T + bias - shift``, ``-inf`` where not allowed.
+
+    ``qs`` ``(N, T, D)`` and ``k1`` ``(N, S, D + 1)`` have their leading dims
+    flattened into ``N``; ``k1`` ends in a column of ones, so appending
+    ``-shift`` ``(N, bq, 1)`` to the queries subtracts it inside the matmul:
+    no extra pass over the tile.
+    """
+    i0, i1, j0, j1, diagonal = block
+    q1 = torch.cat([qs[:, i0:i1], -shift], -1)  # (N, bq, D + 1)
+    scores = q1 @ k1[:, j0:j1].transpose(1, 2)  # (N, bq, bk)
+    view = scores.view(*lead, i1 - i0, j1 - j0)  # (..., bq, bk)
+    if bias is not None:
+        view += _tile(bias, i0, i1, j0, j1)
+    if mask is not None:
+        view.masked_fill_(~_tile(mask, i0, i1, j0, j1), float("-inf"))
+    if diagonal:
+        i = torch.arange(i0, i1, device=qs.device)[:, None]  # (bq, 1)
+        j = torch.arange(j0, j1, device=qs.device)[None, :]  # (1, bk)
+        view.masked_fill_(j > i + offset, float("-inf"))
+    return scores
+
+
+def _tile_sums(tensors, block, shift, lse_b, safe: bool, lead, offset: int):
+    """``exp(scores - shift) @ [v, 1]`` for one tile: weighted values and their sum.
+
+    The fast path shifts by the row's log-sum-exp so far (no pass for a max).
+    The safe path, for rows that have seen no key yet or a tile whose scores
+    overflowed, also shifts by the tile's own row maximum, as the textbook
+    online softmax does.
+    """
+    qs, k1, v1, mask, bias = tensors
+    scores = _scores(qs, k1, shift, mask, bias, block, lead, offset)  # (N, bq, bk)
+    if safe:
+        top = scores.amax(-1, keepdim=True)  # (N, bq, 1)
+        top = torch.where(torch.isneginf(lse_b) | (top > 0), top, 0.0)
+        top = top.nan_to_num(neginf=0.0)  # a row with no allowed key here: 0
+        scores.sub_(top)
+        shift = shift + top
+    j0, j1 = block[2], block[3]
+    return scores.exp_() @ v1[:, j0:j1], shift  # (N, bq, Dv + 1), (N, bq, 1)
+
+
+def _fold(out_b, lse_b, ext, shift) -> None:
+    """Merge one tile's sums into the running output and log-sum-exp, in place."""
+    old = (lse_b - shift).exp_()  # weight of the keys seen before; 0 if none
+    total = old + ext[..., -1:]  # (N, bq, 1)
+    out_b.mul_(old).add_(ext[..., :-1]).div_(total.masked_fill(total == 0, 1.0))
+    lse_b.copy_(shift + total.log())  # -inf for a row with no allowed key
+
+
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(..., L, D)`` -> ``(N, L, D)`` in the compute dtype."""
+    return x.to(dtype).reshape(-1, *x.shape[-2:])  # (N, L, D)
+
+
+def _with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(..., L, D)`` -> ``(N, L, D + 1)``: flattened, with a last column of ones."""
+    x = _flat(x, dtype)  # (N, L, D)
+    return torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1)  # (N, L, D + 1)
+
+
+def _forward(q, k, v, mask, bias, causal, scale, size):
+    """Online softmax over key tiles; ``out`` and row log-sum-exp in compute dtype."""
+    dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
+    qs, k1, v1 = _flat(q, dtype) * scale, _with_ones(k, dtype), _with_ones(v, dtype)
+    tensors = (qs, k1, v1, mask, None if bias is None else bias.to(dtype))
+    t, s = qs.shape[1], k1.shape[1]
+    out = qs.new_zeros(qs.shape[0], t, v.shape[-1])  # (N, T, Dv)
+    lse = qs.new_full((qs.shape[0], t, 1), float("-inf"))  # (N, T, 1)
+
+    for block in _blocks(t, s, size, causal):
+        i0, i1 = block[0], block[1]
+        lse_b = lse[:, i0:i1]
+        shift = lse_b.nan_to_num(neginf=0.0)  # (N, bq, 1)
+        safe = bool(torch.isneginf(lse_b).any())
+        ext, shift2 = _tile_sums(tensors, block, shift, lse_b, safe, lead, s - t)
+        if not safe and not bool(torch.isfinite(ext[..., -1]).all()):
+            ext, shift2 = _tile_sums(tensors, block, shift, lse_b, True, lead, s - t)
+        _fold(out[:, i0:i1], lse_b, ext, shift2)
+
+    return out.view(*lead, t, v.shape[-1]), lse.view(*lead, t)  # (..., T, Dv), (..., T)
+
+
+def _backward(grad_out, q, k, v, mask, bias, out, lse, causal, scale, size, dbias):
+    """Gradients of q, k, v (and bias) by recomputing each tile's weights."""
+    dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
+    q, k, v, do = (_flat(x, dtype) for x in (q, k, v, grad_out))  # (N, L, D)
+    qs, k1 = q * scale, torch.cat([k, k.new_ones(*k.shape[:2], 1)], -1)
+    bias = None if bias is None else bias.to(dtype)
+    delta = (do * _flat(out, dtype)).sum(-1, keepdim=True)  # (N, T, 1)
+    lse = _flat(lse.unsqueeze(-1), dtype)  # (N, T, 1)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # empty row: p = 0
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    t, s = q.shape[1], k.shape[1]
+    for block in _blocks(t, s, size, causal):
+        i0, i1, j0, j1, _ = block
+        p = _scores(qs, k1, lse[:, i0:i1], mask, bias, block, lead, s - t).exp_()
+        dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do[:, i0:i1])  # (N, bk, Dv)
+        dp = do[:, i0:i1] @ v[:, j0:j1].transpose(1, 2)  # (N, bq, bk)
+        ds = p.mul_(dp.sub_(delta[:, i0:i1]))  # d(loss)/d(score), in place
+        dq[:, i0:i1].baddbmm_(ds, k[:, j0:j1], alpha=scale)  # (N, bq, D)
+        dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q[:, i0:i1], alpha=scale)
+        if dbias is not None:
+            tile = _tile(dbias, i0, i1, j0, j1)
+            tile += ds.view(*lead, i1 - i0, j1 - j0).sum_to_size(tile.shape)
+    shapes = (x.shape for x in (q, k, v))
+    return tuple(
+        g.view(*lead, *sh[1:]) for g, sh in zip((dq, dk, dv), shapes, strict=True)
+    )
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Forward by tiles; backward recomputes the tiles (memory linear in length)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, causal, scale, size):
+        out, lse = _forward(q, k, v, mask, bias, causal, scale, size)
+        ctx.save_for_backward(q, k, v, bias, mask, out, lse)  # out: fp32 for fp16
+        ctx.options = (causal, scale, size)
+        return out.to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, bias, mask, out, lse = ctx.saved_tensors
+        dbias = None
+        if ctx.needs_input_grad[3]:
+            dbias = torch.zeros(bias.shape, dtype=_compute_dtype(bias.dtype))
+            dbias = dbias.to(bias.device)
+        dq, dk, dv = _backward(
+            grad_out, q, k, v, mask, bias, out, lse, *ctx.options, dbias
+        )
+        dbias = None if dbias is None else dbias.to(bias.dtype)
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dbias,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> torch.Tensor:
+    r"""Memory-efficient attention: the online softmax over tiles of queries and keys.
+
+    .. math:: \mathrm{out} = \mathrm{softmax}\!\left(s\,q k^\top + b\right) v,
+              \quad s = 1/\sqrt{D}
+
+    computed one ``(block_size, block_size)`` tile of scores at a time. Each
+    query row keeps a running maximum :math:`m`, a running sum
+    :math:`\ell = \sum_j e^{x_j - m}` and a running weighted sum of values;
+    a new tile with a larger maximum :math:`m'` rescales both by
+    :math:`e^{m - m'}`. fp16/bf16 inputs are computed in float32 tile by tile.
+    The backward pass recomputes each tile from ``q``, ``k`` and the saved
+    row log-sum-exp, so training also needs memory linear in ``T`` and ``S``.
+
+    Args:
+        q: queries ``(..., T, D)``.
+        k: keys ``(..., S, D)``, same leading dims, dtype and device as ``q``.
+        v: values ``(..., S, Dv)``.
+        mask: bool, broadcastable to ``(..., T, S)``; True = may attend.
+        bias: float, broadcastable to ``(..., T, S)``, added to the scaled
+            scores; it receives a gradient when it requires one.
+        is_causal: query ``i`` sees key ``j`` iff ``j <= i + S - T``
+            (bottom-right, as :func:`attn_lib.causal_mask`); tiles entirely
+            above the diagonal are skipped, not computed and masked::
+
+                T=S=6, block_size=2      x computed, . skipped
+                x . .
+                x x .
+                x x x
+
+        scale: multiplies ``q k^T``; defaults to ``1/sqrt(D)``.
+        block_size: rows and columns per tile, a positive int.
+
+    Shape:
+        ``out`` is ``(..., T, Dv)`` in ``q``'s dtype.
+
+    Returns:
+        The attention output. A query that may attend to nothing gets zeros
+        and passes back zero gradients.
+
+    Limitations:
+        No dropout and no weights are returned. A ``mask`` or ``bias`` given
+        as a full ``(T, S)`` tensor is itself quadratic in size: prefer
+        ``is_causal=True`` and broadcastable ``(B, 1, 1, S)`` padding masks.
+        The gradient of ``bias`` is formed at ``bias``'s own shape.
+
+    Example:
+        >>> q = torch.ones(1, 2, 4); k = torch.ones(1, 3, 4); v = torch.arange(3.).view(1, 3, 1)
+        >>> chunked_attention(q, k, v, is_causal=True, block_size=1).squeeze().tolist()
+        [0.5, 1.0]
+    """
+    t, s = _checks.qkv(q, k, v)
+    target = (*q.shape[:-2], t, s)
+    if mask is not None:
+        _checks.mask(mask, target, q.device)
+    if bias is not None:
+        _checks.bias(bias, target, q.device)
+    _checks.scale(scale)
+    _checks.positive_int(block_size, "block_size")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    causal = bool(is_causal)
+    return _ChunkedAttention.apply(q, k, v, bias, mask, causal, scale, block_size)
+
+
+def _backend(q, k, v, allowed, bias, scale, dropout_p, *, is_causal=False):
+    """What ``attention(..., backend="chunked")`` runs."""
+    if dropout_p > 0.0:
+        _checks.fail(
+            "dropout_p", "be 0 with backend='chunked' (it has no dropout)", dropout_p
+        )
+    return _ChunkedAttention.apply(
+        q, k, v, bias, allowed, is_causal, scale, DEFAULT_BLOCK_SIZE
+    )
+
+
+register_backend("chunked", _backend, causal=True)

@@ -1,0 +1,123 @@
+"""attn_lib.bench at tiny sizes: the report's shape, the table, the JSON, honesty."""
+
+import json
+
+import pytest
+import torch
+
+from attn_lib import bench
+
+
+def test_measure_one_case_in_process():
+    spec = {"batch": 1, "heads": 2, "length": 16, "dim": 8, "dtype": "float32"}
+    spec |= {"device": "cpu", "repeats": 2, "block_size": 4}
+    result = bench.measure({**spec, "backend": "chunked", "causal": True})
+    assert result["time_ms"] > 0 and result["gflops"] > 0
+    # 4 B H D flops per allowed (query, key) pair: 16 * 17 / 2 pairs when causal
+    expected = 4 * 1 * 2 * 8 * 136 / (result["time_ms"] / 1e3) / 1e9
+    assert result["gflops"] == pytest.approx(expected)
+    assert result["peak_bytes"] is None or result["peak_bytes"] >= 0
+
+
+def test_naive_matches_sdpa_both_ways():
+    q, k, v = (
+        torch.randn(1, 2, 9, 4, generator=torch.Generator().manual_seed(i))
+        for i in range(3)
+    )
+    for causal in (False, True):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal
+        )
+        torch.testing.assert_close(bench._naive(q, k, v, causal), expected)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    size = 64 * 2**20  # 64 MiB, written so that its pages are resident
+    peak = bench._peak_extra_bytes(lambda: torch.ones(size // 4), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("peak resident memory is not readable on this system")
+    assert size * 0.9 < peak < size * 1.5
+
+
+def test_run_ratios_table_and_main_json(tmp_path, capsys):
+    report = bench.run(
+        [16],
+        heads=2,
+        dim=8,
+        backends=("sdpa", "chunked", "naive"),
+        repeats=1,
+        block_size=8,
+        isolate=False,
+        progress=False,
+    )
+    assert report["device"] and report["date"]
+    assert report["memory_method"].endswith("(in one process here: a lower bound)")
+    cases = {(r["backend"], r["causal"]) for r in report["results"]}
+    assert cases == {
+        ("sdpa", False),
+        ("sdpa", True),
+        ("chunked", False),
+        ("chunked", True),
+        ("naive", False),
+    }
+    for r in report["results"]:
+        assert "error" not in r, r
+        if r["backend"] == "sdpa":
+            assert r["vs_sdpa"] == pytest.approx(1.0)
+    table = bench.format_table(report)
+    assert "vs sdpa" in table and "chunked" in table and report["device"] in table
+
+    out = tmp_path / "r.json"
+    assert (
+        bench.main(
+            [
+                "--lengths",
+                "16",
+                "--heads",
+                "1",
+                "--dim",
+                "8",
+                "--backends",
+                "sdpa",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+                "--no-progress",
+                "--in-process",
+            ]
+        )
+        == 0
+    )
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["backend"] == "sdpa" and "date" in saved
+    assert "GFLOP/s" in capsys.readouterr().out
+
+
+def test_triton_is_skipped_not_faked_where_it_cannot_run():
+    cases = bench._cases(("sdpa", "triton"), torch.device("cpu"))
+    from attn_lib import triton_kernel
+
+    runnable = not triton_kernel.check_runnable(torch.empty(0), None)
+    assert (("triton", False) in cases) == runnable
+
+
+def test_failed_case_is_reported_not_hidden():
+    spec = {
+        "batch": 1,
+        "heads": 1,
+        "length": 8,
+        "dim": 4,
+        "dtype": "float32",
+        "device": "cpu",
+    }
+    spec |= {"repeats": 1, "block_size": 0, "backend": "chunked", "causal": False}
+    result = bench._run_isolated(spec)  # block_size 0 is refused inside the worker
+    assert (
+        "error" in result and "block_size must be a positive int" in result["error"][0]
+    )
+    report = {"device": "x", "torch": "y", "date": "z", "results": [result]}
+    assert (
+        "failed: ValueError: block_size must be a positive int"
+        in bench.format_table(report)
+    )

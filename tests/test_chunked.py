@@ -1,0 +1,269 @@
+"""attn_lib.chunked_attention: against the NumPy reference, PyTorch and autograd."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randn, random_mask
+
+import attn_lib
+from attn_lib import functional, reference
+from attn_lib.chunked import _blocks
+
+
+def _reference(q, k, v, mask=None, scale=None):
+    out, _ = reference.scaled_dot_product_attention(
+        q.double().cpu().numpy(),
+        k.double().cpu().numpy(),
+        v.double().cpu().numpy(),
+        None if mask is None else mask.cpu().numpy(),
+        scale=scale,
+    )
+    return torch.from_numpy(out)
+
+
+def _explicit_causal(t, s, device="cpu"):
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(s, device=device)[None, :]
+    return j <= i + (s - t)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 7, 8, 13, 64])
+@pytest.mark.parametrize("t,s", [(7, 13), (13, 7), (1, 1)])
+def test_matches_reference_for_every_block_size(block_size, t, s, gen, device):
+    q = randn(gen, 2, 3, t, 5, device=device)
+    k = randn(gen, 2, 3, s, 5, device=device)
+    v = randn(gen, 2, 3, s, 4, device=device)
+    mask = random_mask(gen, 2, 1, t, s, device=device)
+    out = attn_lib.chunked_attention(q, k, v, mask=mask, block_size=block_size)
+    torch.testing.assert_close(out.cpu(), _reference(q, k, v, mask))
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 13])
+@pytest.mark.parametrize("t,s", [(7, 13), (13, 7), (7, 7)])
+def test_causal_is_bottom_right_with_unequal_lengths(block_size, t, s, gen, device):
+    q, k, v = (randn(gen, 2, n, 6, device=device) for n in (t, s, s))
+    out = attn_lib.chunked_attention(q, k, v, is_causal=True, block_size=block_size)
+    expected = _reference(q, k, v, _explicit_causal(t, s))
+    torch.testing.assert_close(out.cpu(), expected)
+    if t == s:  # the two alignments agree on square problems
+        torch.testing.assert_close(
+            out, F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        )
+
+
+@pytest.mark.parametrize("t,s,size", [(8, 8, 2), (7, 13, 3), (13, 7, 4), (6, 6, 2)])
+def test_causal_skips_tiles_above_the_diagonal(t, s, size):
+    tiles = list(_blocks(t, s, size, causal=True))
+    allowed = _explicit_causal(t, s)
+    for i0, i1, j0, j1, diagonal in tiles:
+        assert allowed[i0:i1, j0:j1].any()  # every computed tile has work
+        assert diagonal == (not bool(allowed[i0:i1, j0:j1].all()))
+    covered = torch.zeros(t, s, dtype=torch.bool)
+    for i0, i1, j0, j1, _ in tiles:
+        covered[i0:i1, j0:j1] = True
+    assert (covered | ~allowed).all()  # every allowed pair is in some tile
+    assert len(tiles) < len(list(_blocks(t, s, size, causal=False)))
+
+
+def test_skipped_tiles_for_the_docstring_picture():
+    tiles = {(i0 // 2, j0 // 2) for i0, _, j0, _, _ in _blocks(6, 6, 2, causal=True)}
+    assert tiles == {(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)}
+
+
+def test_matches_torch_sdpa_with_bias_mask_and_scale(gen, device):
+    q, k, v = (randn(gen, 2, 3, n, 8, device=device) for n in (7, 13, 13))
+    mask = random_mask(gen, 2, 1, 7, 13, device=device)
+    mask[..., 0] = True  # torch's own kernel gives nan for an empty row
+    bias = randn(gen, 3, 7, 13, device=device)
+    out = attn_lib.chunked_attention(
+        q, k, v, mask=mask, bias=bias, scale=0.3, block_size=4
+    )
+    additive = bias.masked_fill(~mask, float("-inf"))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=0.3)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 50.0, 1000.0])
+def test_scores_far_from_zero_and_growing_maxima(magnitude, gen):
+    q = randn(gen, 7, 4) * magnitude
+    k = torch.cat([randn(gen, 6, 4), randn(gen, 7, 4) * 3])  # later blocks score higher
+    v = randn(gen, 13, 3)
+    for size in (1, 2, 5):
+        out = attn_lib.chunked_attention(q, k, v, block_size=size)
+        torch.testing.assert_close(out, _reference(q, k, v))
+        bias = torch.full((7, 13), -1e4, dtype=q.dtype)  # every score far below zero
+        out = attn_lib.chunked_attention(q, k, v, bias=bias, block_size=size)
+        torch.testing.assert_close(out, _reference(q, k, v))
+
+
+@pytest.mark.parametrize("via", ["mask", "bias", "causal", "tile"])
+def test_empty_rows_give_zeros_and_zero_finite_grads(via, gen, device):
+    q = randn(gen, 2, 5, 4, device=device).requires_grad_()
+    k = randn(gen, 2, 3, 4, device=device).requires_grad_()
+    v = randn(gen, 2, 3, 2, device=device).requires_grad_()
+    kwargs, empty = {"block_size": 2}, [0, 1]
+    if via in ("mask", "tile"):
+        mask = torch.ones(2, 5, 3, dtype=torch.bool, device=device)
+        mask[:, :2] = False
+        if via == "tile":  # row 3 sees only the last key: its first tile is all masked
+            mask[:, 3, :2] = False
+        kwargs["mask"] = mask
+    elif via == "bias":
+        bias = torch.zeros(5, 3, dtype=q.dtype, device=device)
+        bias[:2] = float("-inf")
+        kwargs["bias"] = bias
+    else:  # T=5 > S=3: the first two queries see no key
+        kwargs["is_causal"] = True
+    out = attn_lib.chunked_attention(q, k, v, **kwargs)
+    assert torch.isfinite(out).all() and (out[:, empty] == 0).all()
+    out.square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[:, empty] == 0).all()
+
+
+def test_fully_masked_tiles_between_visible_ones(gen):
+    q, k, v = randn(gen, 6, 4), randn(gen, 12, 4), randn(gen, 12, 3)
+    mask = torch.ones(6, 12, dtype=torch.bool)
+    mask[:, 3:9] = False  # two whole tiles of size 3 see nothing
+    out = attn_lib.chunked_attention(q, k, v, mask=mask, block_size=3)
+    torch.testing.assert_close(out, _reference(q, k, v, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1.0, 30.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_precision_error_within_twice_torch(dtype, magnitude, causal, gen, device):
+    t = 47 if causal else 33  # torch's is_causal is top-left: compare squares only
+    q = randn(gen, 2, 4, t, 64, device=device) * magnitude
+    k = randn(gen, 2, 4, 47, 64, device=device) * magnitude
+    v = randn(gen, 2, 4, 47, 64, device=device)
+    golden = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # float64
+    lo = [x.to(dtype) for x in (q, k, v)]
+    ours = attn_lib.chunked_attention(*lo, is_causal=causal, block_size=16)
+    theirs = F.scaled_dot_product_attention(*lo, is_causal=causal)
+    assert ours.dtype == dtype and torch.isfinite(ours).all()
+    our_err = (ours.double() - golden).abs().max().item()
+    torch_err = (theirs.double() - golden).abs().max().item()
+    assert our_err <= 2 * torch_err + 1e-6, (our_err, torch_err)
+
+
+def test_fp16_gradients_within_twice_torch_error(gen):
+    q, k, v = (randn(gen, 2, n, 16) * 4 for n in (7, 13, 13))
+
+    def grads(fn, dtype):
+        xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        fn(*xs).double().square().sum().backward()
+        return [x.grad for x in xs]
+
+    golden = grads(F.scaled_dot_product_attention, torch.float64)
+    ours = grads(lambda *x: attn_lib.chunked_attention(*x, block_size=4), torch.half)
+    theirs = grads(F.scaled_dot_product_attention, torch.half)
+    for g, a, b in zip(golden, ours, theirs, strict=True):
+        assert a.dtype == torch.float16 and torch.isfinite(a).all()
+        our_err = (a.double() - g).abs().max().item()
+        torch_err = (b.double() - g).abs().max().item()
+        assert our_err <= 2 * torch_err + 1e-3, (our_err, torch_err)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_gradcheck_with_mask_and_learned_bias(causal, block_size, gen):
+    q = randn(gen, 2, 7, 4).requires_grad_()
+    k = randn(gen, 2, 13, 4).requires_grad_()
+    v = randn(gen, 2, 13, 3).requires_grad_()
+    bias = randn(gen, 1, 7, 13).requires_grad_()
+    mask = random_mask(gen, 2, 7, 13)
+    mask[1, 2] = False  # one empty row
+
+    def fn(q, k, v, bias):
+        return attn_lib.chunked_attention(
+            q, k, v, mask=mask, bias=bias, is_causal=causal, block_size=block_size
+        )
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+def test_gradients_match_autograd_through_math(gen):
+    q, k, v = (randn(gen, 3, n, 8).requires_grad_() for n in (7, 13, 13))
+    bias = randn(gen, 7, 13).requires_grad_()
+    grads = []
+    for backend in ("math", "chunked"):
+        out = attn_lib.attention(q, k, v, bias=bias, is_causal=True, backend=backend)
+        grads.append(torch.autograd.grad(out.sin().sum(), (q, k, v, bias)))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_permuting_keys_and_values_together_changes_nothing(gen):
+    q, k, v = randn(gen, 7, 4), randn(gen, 13, 4), randn(gen, 13, 3)
+    perm = torch.randperm(13, generator=gen)
+    a = attn_lib.chunked_attention(q, k, v, block_size=4)
+    b = attn_lib.chunked_attention(q, k[perm], v[perm], block_size=4)
+    torch.testing.assert_close(a, b)
+
+
+def test_inputs_are_not_modified(gen):
+    q, k, v = randn(gen, 7, 4), randn(gen, 13, 4), randn(gen, 13, 3)
+    bias, mask = randn(gen, 7, 13), random_mask(gen, 7, 13)
+    copies = [t.clone() for t in (q, k, v, bias, mask)]
+    attn_lib.chunked_attention(q, k, v, mask=mask, bias=bias, block_size=3)
+    for a, b in zip((q, k, v, bias, mask), copies, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_backend_chunked_runs_it_and_is_registered_on_import(gen):
+    assert "chunked" in attn_lib.available_backends()
+    q, k, v = randn(gen, 7, 4), randn(gen, 13, 4), randn(gen, 13, 3)
+    out = attn_lib.attention(q, k, v, is_causal=True, backend="chunked")
+    torch.testing.assert_close(out, attn_lib.chunked_attention(q, k, v, is_causal=True))
+    with pytest.raises(ValueError, match=r"dropout_p must be 0 with backend='chunked'"):
+        attn_lib.attention(q, k, v, dropout_p=0.1, backend="chunked")
+
+
+def test_auto_falls_back_with_a_reason_warned_once(gen, monkeypatch):
+    q, k, v = randn(gen, 7, 4), randn(gen, 13, 4), randn(gen, 13, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the usual path warns nothing
+        plain = attn_lib.attention(q, k, v)
+    monkeypatch.setattr(functional, "_sdpa_fallback_reason", lambda d: "test reason")
+    monkeypatch.setattr(functional, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match=r"runs 'chunked', not 'sdpa': test reason"):
+        out = attn_lib.attention(q, k, v)
+    torch.testing.assert_close(out, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        attn_lib.attention(q, k, v)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8", None])
+def test_block_size_must_be_a_positive_int(bad):
+    q = torch.ones(3, 4)
+    with pytest.raises(ValueError, match=r"block_size must be a positive int; got "):
+        attn_lib.chunked_attention(q, q, q, block_size=bad)
+    with pytest.raises(ValueError, match=r"block_size must be a positive int; got "):
+        reference.tiled_attention(
+            np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 4)), block_size=bad
+        )
+
+
+def test_bad_inputs_are_named():
+    q = torch.ones(2, 7, 4)
+    with pytest.raises(
+        TypeError, match=r"mask must be a bool tensor .*pass an additive mask as bias="
+    ):
+        attn_lib.chunked_attention(q, q, q, mask=torch.zeros(7, 7))
+    with pytest.raises(
+        ValueError,
+        match=r"mask must be broadcastable to \(2, 7, 7\); got shape \(3, 7\)",
+    ):
+        attn_lib.chunked_attention(q, q, q, mask=torch.ones(3, 7, dtype=torch.bool))
+    with pytest.raises(
+        ValueError, match=r"scale must be a finite positive float; got 0.0"
+    ):
+        attn_lib.chunked_attention(q, q, q, scale=0.0)
+    with pytest.raises(ValueError, match=r"k and v must have the same length S"):
+        attn_lib.chunked_attention(q, q, torch.ones(2, 5, 4))

@@ -81,13 +81,16 @@ def _tile_sums(tensors, block, shift, lse_b, safe: bool, lead, offset: int):
     online softmax does.
     """
     qs, k1, v1, mask, bias = tensors
-    scores = _scores(qs, k1, shift, mask, bias, block, lead, offset)  # (N, bq, bk)
-    if safe:
+    if safe:  # raw scores: a huge shift inside the matmul would swamp them
+        scores = _scores(
+            qs, k1, torch.zeros_like(shift), mask, bias, block, lead, offset
+        )
         top = scores.amax(-1, keepdim=True)  # (N, bq, 1)
-        top = torch.where(torch.isneginf(lse_b) | (top > 0), top, 0.0)
-        top = top.nan_to_num(neginf=0.0)  # a row with no allowed key here: 0
-        scores.sub_(top)
-        shift = shift + top
+        top = torch.where(torch.isneginf(lse_b) | (top > shift), top, shift)
+        shift = top.nan_to_num(neginf=0.0)  # a row with no allowed key here: 0
+        scores.sub_(shift)
+    else:
+        scores = _scores(qs, k1, shift, mask, bias, block, lead, offset)  # (N, bq, bk)
     j0, j1 = block[2], block[3]
     return scores.exp_() @ v1[:, j0:j1], shift  # (N, bq, Dv + 1), (N, bq, 1)
 

@@ -120,6 +120,8 @@ def check_runnable(q: torch.Tensor, bias: torch.Tensor | None) -> str:
         return f"q is on {q.device.type}; the kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)"
     if q.dtype == torch.float64:
         return "the kernel computes in float32, not float64"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "Triton's CPU interpreter gives wrong results for bfloat16"
     if bias is not None and bias.requires_grad:
         return "the kernel passes no gradient to bias"
     return ""

@@ -589,3 +589,31 @@ def test_distributed_helpers_check_their_arguments():
     _raises(
         ValueError, r"^layout must be one of", shard, _t(1, 8, 4), 0, 2, layout="ring"
     )
+
+
+def test_triton_refuses_what_it_cannot_run_here():
+    kernel = need("triton_kernel")
+    if "triton" not in attn_lib.available_backends():
+        pytest.skip("Triton is not installed here")
+    q = _t(2, 7, 4, dtype=torch.float64)
+    reason = r"the kernel computes in float32, not float64"
+    _raises(
+        ValueError,
+        r"^backend='triton' must be runnable here; got " + reason,
+        attn_lib.attention,
+        q,
+        q,
+        q,
+        backend="triton",
+    )
+    if kernel.interpreting():
+        bf16 = _t(2, 7, 4, dtype=torch.bfloat16)
+        _raises(
+            ValueError,
+            r"interpreter gives wrong results for bfloat16",
+            attn_lib.attention,
+            bf16,
+            bf16,
+            bf16,
+            backend="triton",
+        )

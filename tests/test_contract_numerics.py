@@ -20,18 +20,6 @@ LOW = [torch.float16, torch.bfloat16]
 SHAPES = [(1, 7, 13, 8), (2, 3, 33, 47, 64), (2, 13, 7, 16)]
 
 
-def _skip_interpreted_bf16(backend, dtype, device):
-    triton_kernel = attn_lib.__dict__.get("triton_kernel")
-    if (
-        backend == "triton"
-        and dtype == torch.bfloat16
-        and device.type == "cpu"
-        and triton_kernel is not None
-        and triton_kernel.interpreting()
-    ):
-        pytest.skip("Triton's CPU interpreter cannot run bfloat16 (see the report)")
-
-
 def _case(gen, shape, magnitude, device):
     *lead, t, s, d = shape
     magnitude = magnitude / d**0.25  # raw scores of about magnitude**2
@@ -51,7 +39,6 @@ def test_low_precision_within_twice_torch(
     q, k, v = _case(gen, shape, magnitude, device)
     lo = [x.to(dtype) for x in (q, k, v)]
     runnable(backend, lo[0])
-    _skip_interpreted_bf16(backend, dtype, device)
     if magnitude > 100:  # the raw scores really leave fp16's range
         assert (q @ k.transpose(-2, -1)).abs().max() > 65504
     golden = F.scaled_dot_product_attention(q, k, v)  # float64
@@ -70,7 +57,6 @@ def test_overflowing_scores_with_masks_and_causal(backend, dtype, gen, device):
     k = torch.full((2, 9, 64), 40.0, dtype=dtype, device=device)
     v = randn(gen, 2, 9, 8, dtype=dtype, device=device)
     runnable(backend, q)
-    _skip_interpreted_bf16(backend, dtype, device)
     mask = random_mask(gen, 5, 9, device=device)
     mask[0] = False
     mask[1:, 2] = True

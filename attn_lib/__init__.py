@@ -6,7 +6,7 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import reference
+from . import positions, reference
 from .cache import KVCache
 from .devices import get_device
 from .functional import attention, available_backends, safe_softmax
@@ -24,6 +24,7 @@ __all__ = [
     "padding_mask",
     "plot_attention",
     "plot_mask",
+    "positions",
     "reference",
     "safe_softmax",
 ]

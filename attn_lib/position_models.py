@@ -40,6 +40,7 @@ class PositionalSelfAttention(nn.Module):
         causal: attend only to keys at or before the query (bottom-right).
         max_distance: the clipping distance for ``"shaw"`` and the clamp
             distance for ``"t5"``.
+        num_buckets: the number of T5 buckets (``"t5"`` only).
 
     Shape:
         ``forward(x (B, T, E), cache=None) -> (B, T, E)``. With a
@@ -55,6 +56,7 @@ class PositionalSelfAttention(nn.Module):
         scheme: str = "rope",
         causal: bool = True,
         max_distance: int = 128,
+        num_buckets: int = 32,
     ) -> None:
         super().__init__()
         _checks.positive_int(num_heads, "num_heads")
@@ -71,7 +73,10 @@ class PositionalSelfAttention(nn.Module):
         head_dim = embed_dim // num_heads
         if scheme == "t5":
             self.rel = T5RelativeBias(
-                num_heads, bidirectional=not causal, max_distance=max_distance
+                num_heads,
+                bidirectional=not causal,
+                num_buckets=num_buckets,
+                max_distance=max_distance,
             )
         elif scheme == "alibi":
             self.rel = ALiBiBias(num_heads, bidirectional=not causal)
@@ -135,7 +140,8 @@ class PositionalTransformer(nn.Module):
         causal: causal (decoder) attention.
         max_len: the longest sequence the ``"learned"`` table covers (and the
             sinusoidal table's length); other schemes have no limit.
-        max_distance: passed to the attention layers (``"shaw"``, ``"t5"``).
+        max_distance, num_buckets: passed to the attention layers
+            (``"shaw"``, ``"t5"``).
 
     Shape:
         ``forward(tokens (B, T), caches=None) -> logits (B, T, vocab_size)``.
@@ -162,6 +168,7 @@ class PositionalTransformer(nn.Module):
         causal: bool = True,
         max_len: int = 1024,
         max_distance: int = 128,
+        num_buckets: int = 32,
     ) -> None:
         super().__init__()
         _checks.positive_int(vocab_size, "vocab_size")
@@ -174,7 +181,12 @@ class PositionalTransformer(nn.Module):
         elif scheme == "sinusoidal":
             table = sinusoidal(max_len, embed_dim)  # (max_len, E)
             self.register_buffer("positions", table, persistent=False)
-        options = dict(scheme=scheme, causal=causal, max_distance=max_distance)
+        options = dict(
+            scheme=scheme,
+            causal=causal,
+            max_distance=max_distance,
+            num_buckets=num_buckets,
+        )
         self.blocks = nn.ModuleList(
             _Block(embed_dim, num_heads, **options) for _ in range(num_layers)
         )

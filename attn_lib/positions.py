@@ -1,7 +1,7 @@
 """Positions for attention: absolute tables, relative offsets, biases and rotations.
 
-Attention by itself is blind to order: permuting the keys (with their values)
-permutes nothing in the output. Every scheme here puts order back in.
+Attention by itself is blind to order: permuting the tokens only permutes the
+outputs the same way. Every scheme here puts order back in.
 
 - absolute: :func:`sinusoidal` (a fixed table added to the token embeddings);
 - relative, as learned vectors: :class:`ShawRelativePositions` with
@@ -234,8 +234,17 @@ def rope_frequencies(
     ``p * base^(-2i/dim)``: the same speeds as the columns of
     :func:`sinusoidal`.
 
+    Args:
+        dim: the feature width ``D``; must be even.
+        base: the wavelength scale (10000 in the paper).
+        device: where to create the tensor.
+
     Returns:
         A float64 tensor ``(dim/2,)``.
+
+    Example:
+        >>> rope_frequencies(4).tolist()
+        [1.0, 0.01]
     """
     _even_dim(dim, "dim")
     _positive_float(base, "base")
@@ -322,6 +331,10 @@ class T5RelativeBias(nn.Module):
         num_heads: number of heads ``H``.
         bidirectional, num_buckets, max_distance: as in :func:`t5_bucket`.
 
+    Shape:
+        ``forward(t, s=None) -> (H, T, S)``, bottom-right aligned: the bias of
+        a decoding step ``forward(1, S)`` is the last row of ``forward(S, S)``.
+
     Example:
         >>> T5RelativeBias(4, num_buckets=8, max_distance=16)(3, 5).shape
         torch.Size([4, 3, 5])
@@ -356,6 +369,10 @@ class T5RelativeBias(nn.Module):
 
 class ALiBiBias(nn.Module):
     """:func:`alibi_bias` as a module (no parameters): ``forward(t, s) -> (H, T, S)``.
+
+    Args:
+        num_heads: number of heads ``H``; the slopes are :func:`alibi_slopes`.
+        bidirectional: as in :func:`alibi_bias`.
 
     Example:
         >>> ALiBiBias(6)(1, 4)[:, 0, 0].tolist()  # the key 3 positions back
@@ -447,8 +464,19 @@ def shaw_attention(
         mask, is_causal, scale: as in :func:`attn_lib.attention`.
         return_weights: also return the weights ``(..., T, S)``.
 
+    Shape:
+        ``T`` queries at absolute positions ``S - T .. S - 1`` (bottom-right),
+        so a decoding step with a cache passes ``T = 1`` and the last row of
+        the module's tables.
+
     Returns:
         ``out`` ``(..., T, Dv)``, or ``(out, weights)``.
+
+    Example:
+        >>> rel_k, rel_v = torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)
+        >>> q, k, v = torch.ones(1, 4), torch.ones(3, 4), torch.eye(3, 4)
+        >>> shaw_attention(q, k, v, rel_k, rel_v).sum().item()
+        1.0
     """
     t, s = _checks.qkv(q, k, v)
     for name, rel, width in (

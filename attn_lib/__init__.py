@@ -6,7 +6,7 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import costs, distributed, reference, triton_kernel
+from . import costs, distributed, positions, reference, triton_kernel
 from .cache import KVCache
 from .chunked import chunked_attention
 from .cross_attention import CrossAttention
@@ -31,6 +31,7 @@ __all__ = [
     "padding_mask",
     "plot_attention",
     "plot_mask",
+    "positions",
     "reference",
     "ring_attention",
     "safe_softmax",

@@ -8,6 +8,8 @@ MATHJAX_VERSION := 3.2.2
 MATHJAX_DIR := _vendor/mathjax
 MATHJAX := $(MATHJAX_DIR)/tex-chtml.js
 
+.PHONY: book test lint unit notebooks browser-check colab-check clean
+
 # MathJax 3 served from the book itself, so math renders without a CDN.
 # Only tex-chtml.js, its fonts and the TeX extensions it autoloads are kept.
 # It lives in _vendor/, not _static/: Jupyter Book adds a <script> tag for every

@@ -144,8 +144,8 @@ def time_calls(
         calls: name -> a function of no arguments.
         repeats: number of timed rounds.
         warmup: untimed rounds first (allocations, thread start-up).
-        clock: :func:`time.perf_counter` (wall clock, the default) or
-            :func:`time.process_time` (CPU time of this process: time spent
+        clock: ``time.perf_counter`` (wall clock, the default) or
+            ``time.process_time`` (CPU time of this process: time spent
             waiting for a core shared with other programs is not counted,
             which suits a one-thread run on a busy machine).
 

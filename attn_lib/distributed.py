@@ -822,9 +822,9 @@ def run_on_ranks(
         The ``P`` results, in rank order.
 
     Raises:
-        RuntimeError: when ``fn`` raised on some ranks; the message names each
-        of them with its error (a rank whose neighbour failed often fails too,
-        with a "connection closed" error), then their tracebacks.
+        RuntimeError: when ``fn`` raised on some ranks. The message names
+            each failing rank and its error, then their tracebacks; a rank
+            whose neighbour failed often fails too, with "connection closed".
     """
     _checks.positive_int(world_size, "world_size")
     _checks.choice(backend, "backend", ("gloo", "nccl"))
@@ -894,7 +894,7 @@ def ring_attention_on_rank(
         is_causal, layout: as for :func:`ring_attention`.
 
     Returns:
-        A dict: ``rank``, ``out`` (this rank's output shard), ``grad_q``,
+        dict: ``rank``, ``out`` (this rank's output shard), ``grad_q``,
         ``grad_k``, ``grad_v`` (shards, when ``grad_out`` is given), ``stats``
         (a :class:`RingStats`), and ``peak_bytes``: how far this process's
         resident memory rose above its level before the call (Linux; None

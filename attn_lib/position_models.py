@@ -28,7 +28,7 @@ SCHEMES = ("none", "sinusoidal", "learned", "shaw", "t5", "alibi", "rope")
 class PositionalSelfAttention(nn.Module):
     """Multi-head self-attention with one positional scheme built in.
 
-    ``scheme`` is one of :data:`SCHEMES`. The absolute schemes
+    ``scheme`` is one of ``SCHEMES``. The absolute schemes
     (``"sinusoidal"``, ``"learned"``) and ``"none"`` add nothing here (the
     model adds absolute positions to its embeddings); ``"shaw"``, ``"t5"`` and
     ``"alibi"`` change the scores; ``"rope"`` rotates queries and keys.
@@ -136,7 +136,7 @@ class PositionalTransformer(nn.Module):
     Args:
         vocab_size: number of token ids.
         embed_dim, num_heads, num_layers: the model's size.
-        scheme: one of :data:`SCHEMES`.
+        scheme: one of ``SCHEMES``.
         causal: causal (decoder) attention.
         max_len: the longest sequence the ``"learned"`` table covers (and the
             sinusoidal table's length); other schemes have no limit.

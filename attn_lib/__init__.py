@@ -6,24 +6,37 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import reference
+from . import lm, reference
 from .cache import KVCache
 from .devices import get_device
 from .functional import attention, available_backends, safe_softmax
-from .masks import causal_mask, padding_mask
+from .masks import (
+    causal_mask,
+    from_torch_mask,
+    padding_mask,
+    to_torch_key_padding_mask,
+    to_torch_mask,
+)
+from .modules import CausalSelfAttention, SelfAttention
 from .plotting import plot_attention, plot_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CausalSelfAttention",
     "KVCache",
+    "SelfAttention",
     "attention",
     "available_backends",
     "causal_mask",
+    "from_torch_mask",
     "get_device",
+    "lm",
     "padding_mask",
     "plot_attention",
     "plot_mask",
     "reference",
     "safe_softmax",
+    "to_torch_key_padding_mask",
+    "to_torch_mask",
 ]

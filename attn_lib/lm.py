@@ -184,6 +184,19 @@ class CharGPT(nn.Module):
             x = block(x, None if caches is None else caches[i])  # (B, T, E)
         return self.head(self.ln(x))  # (B, T, V)
 
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's attention weights ``(B, T, T)`` for token ids ``(B, T)``, in order."""
+        _checks.tensor(idx, "idx", min_dim=2)
+        positions = torch.arange(idx.shape[1], device=idx.device)  # (T,)
+        x = self.token_emb(idx) + self.pos_emb(positions)  # (B, T, E)
+        maps = []
+        for block in self.blocks:
+            _, weights = block.attn(block.ln1(x), return_weights=True)  # (B, T, T)
+            maps.append(weights)
+            x = block(x)  # (B, T, E)
+        return maps
+
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (nats per character) of ``model(x)`` against targets ``y`` ``(B, T)``."""

@@ -54,6 +54,16 @@ def test_cached_logits_equal_the_full_pass():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_maps_are_causal_rows_that_sum_to_one():
+    model = _model(11)
+    idx = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(0))
+    maps = model.attention_maps(idx)
+    assert len(maps) == 2 and all(m.shape == (2, 9, 9) for m in maps)
+    for m in maps:
+        assert m.triu(1).eq(0).all()
+        torch.testing.assert_close(m.sum(-1), torch.ones(2, 9))
+
+
 def test_causal_model_ignores_future_tokens():
     model = _model(11)
     idx = torch.randint(0, 11, (1, 13), generator=torch.Generator().manual_seed(0))

@@ -49,16 +49,21 @@ def stdlib_docstrings(max_chars: int | None = None) -> str:
     root = Path(sysconfig.get_paths()["stdlib"])
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     docs: list[str] = []
+    total = 0
     for path in sorted(root.glob("*.py")):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError):
             continue
-        docs += [
-            ast.get_docstring(n) or "" for n in ast.walk(tree) if isinstance(n, kinds)
-        ]
-    text = "\n\n".join(d for d in docs if d).replace("\t", "    ")
-    text = "".join(c for c in text if c in _KEEP)
+        for node in (n for n in ast.walk(tree) if isinstance(n, kinds)):
+            doc = ast.get_docstring(node)
+            if doc:
+                doc = "".join(c for c in doc.replace("\t", "    ") if c in _KEEP)
+                docs.append(doc)
+                total += len(doc) + 2
+        if max_chars is not None and total >= max_chars:
+            break  # enough text: skip parsing the remaining files
+    text = "\n\n".join(docs)
     return text if max_chars is None else text[:max_chars]
 
 

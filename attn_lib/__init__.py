@@ -6,28 +6,39 @@ query length, ``S`` key/value length, ``D`` head dim, ``E = H*D`` model width.
 Masks are boolean with True = may attend.
 """
 
-from . import costs, distributed, positions, reference, triton_kernel
+from . import costs, distributed, lm, positions, reference, triton_kernel
 from .cache import KVCache
 from .chunked import chunked_attention
 from .cross_attention import CrossAttention
 from .devices import get_device
 from .distributed import ring_attention
 from .functional import attention, available_backends, safe_softmax
-from .masks import causal_mask, padding_mask
+from .masks import (
+    causal_mask,
+    from_torch_mask,
+    padding_mask,
+    to_torch_key_padding_mask,
+    to_torch_mask,
+)
+from .modules import CausalSelfAttention, SelfAttention
 from .plotting import plot_attention, plot_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CausalSelfAttention",
     "CrossAttention",
     "KVCache",
+    "SelfAttention",
     "attention",
     "available_backends",
     "causal_mask",
     "chunked_attention",
     "costs",
     "distributed",
+    "from_torch_mask",
     "get_device",
+    "lm",
     "padding_mask",
     "plot_attention",
     "plot_mask",
@@ -35,5 +46,7 @@ __all__ = [
     "reference",
     "ring_attention",
     "safe_softmax",
+    "to_torch_key_padding_mask",
+    "to_torch_mask",
     "triton_kernel",
 ]

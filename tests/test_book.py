@@ -79,7 +79,10 @@ def test_chapter_has_goals_summary_and_exercises_with_solutions(nb):
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
 def test_code_cells_fit_the_page(nb):
+    # The Colab install line holds the whole repository URL and cannot wrap.
     for c in _cells(nb):
         if c["cell_type"] == "code":
             for line in _source(c).splitlines():
+                if line.strip().startswith("%pip install"):
+                    continue
                 assert len(line) <= 80, line

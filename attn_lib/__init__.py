@@ -21,6 +21,7 @@ from .masks import (
     to_torch_mask,
 )
 from .modules import CausalSelfAttention, SelfAttention
+from .multihead import MultiHeadAttention, merge_heads, repeat_kv_heads, split_heads
 from .plotting import plot_attention, plot_mask
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "CausalSelfAttention",
     "CrossAttention",
     "KVCache",
+    "MultiHeadAttention",
     "SelfAttention",
     "attention",
     "available_backends",
@@ -39,13 +41,16 @@ __all__ = [
     "from_torch_mask",
     "get_device",
     "lm",
+    "merge_heads",
     "padding_mask",
     "plot_attention",
     "plot_mask",
     "positions",
     "reference",
+    "repeat_kv_heads",
     "ring_attention",
     "safe_softmax",
+    "split_heads",
     "to_torch_key_padding_mask",
     "to_torch_mask",
     "triton_kernel",

@@ -51,9 +51,12 @@ unit: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --nbval book --nbval-sanitize-with tests/sanitize.cfg
 
+# Unit tests and notebooks run in separate pytest processes: a test module that
+# sets an environment variable (TRITON_INTERPRET) must not reach the notebooks.
 test: $(STAMP)
 	$(BIN)/python -m ruff check attn_lib tests book
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests book --nbval --nbval-sanitize-with tests/sanitize.cfg
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile --nbval book --nbval-sanitize-with tests/sanitize.cfg
 
 clean:
 	rm -rf _build $(MATHJAX_DIR)

@@ -25,25 +25,42 @@ Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {}
 # backends that take ``is_causal=`` themselves instead of a materialized (T, S) mask
 _CAUSAL_AWARE: set[str] = set()
+# backends that may be unable to run on this machine -> a check that says if they can
+_RUNNABLE: dict[str, Callable[[], bool]] = {}
 
 
 def register_backend(
-    name: str, fn: Callable[..., torch.Tensor], *, causal: bool = False
+    name: str,
+    fn: Callable[..., torch.Tensor],
+    *,
+    causal: bool = False,
+    runnable: Callable[[], bool] | None = None,
 ) -> None:
     """Make ``backend=name`` run ``fn(q, k, v, allowed, bias, scale, dropout_p)``.
 
     With ``causal=True`` the causal mask is not built: ``fn`` gets the user's
     mask as ``allowed`` and a keyword ``is_causal`` (so it can skip work).
+    ``runnable()``, when given, says whether the backend can run on this
+    machine at all (e.g. a GPU kernel without a GPU); :func:`available_backends`
+    lists it only then.
     """
     _checks.choice(name, "backend", BACKENDS[1:])
     _IMPLEMENTATIONS[name] = fn
     if causal:
         _CAUSAL_AWARE.add(name)
+    if runnable is not None:
+        _RUNNABLE[name] = runnable
 
 
 def available_backends() -> tuple[str, ...]:
-    """The backends ``attention()`` can run here, ``"auto"`` first."""
-    return ("auto",) + tuple(b for b in BACKENDS[1:] if b in _IMPLEMENTATIONS)
+    """The backends ``attention()`` can run on this machine, ``"auto"`` first.
+
+    Example:
+        >>> available_backends()[:3]
+        ('auto', 'math', 'sdpa')
+    """
+    names = [b for b in BACKENDS[1:] if b in _IMPLEMENTATIONS]
+    return ("auto",) + tuple(b for b in names if _RUNNABLE.get(b, lambda: True)())
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

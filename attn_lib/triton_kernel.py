@@ -139,5 +139,10 @@ def triton_attention(q, k, v, allowed, bias, scale, dropout_p, *, is_causal=Fals
     return _TritonAttention.apply(q, k, v, allowed, bias, is_causal, scale)
 
 
+def _runnable_here() -> bool:
+    """The kernel needs a CUDA GPU, or Triton's CPU interpreter."""
+    return torch.cuda.is_available() or interpreting()
+
+
 if is_available()[0]:
-    register_backend("triton", triton_attention, causal=True)
+    register_backend("triton", triton_attention, causal=True, runnable=_runnable_here)

@@ -11,19 +11,24 @@ from .cache import KVCache
 from .devices import get_device
 from .functional import attention, available_backends, safe_softmax
 from .masks import causal_mask, padding_mask
+from .multihead import MultiHeadAttention, merge_heads, repeat_kv_heads, split_heads
 from .plotting import plot_attention, plot_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KVCache",
+    "MultiHeadAttention",
     "attention",
     "available_backends",
     "causal_mask",
     "get_device",
+    "merge_heads",
     "padding_mask",
     "plot_attention",
     "plot_mask",
     "reference",
+    "repeat_kv_heads",
     "safe_softmax",
+    "split_heads",
 ]

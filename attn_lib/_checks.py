@@ -160,3 +160,13 @@ def choice(value: Any, name: str, choices: Sequence[str]) -> str:
         options = ", ".join(repr(c) for c in choices)
         fail(name, f"be one of {options}", repr(value))
     return value
+
+
+def divisible(value: int, name: str, divisor: int, divisor_name: str) -> None:
+    """Check that ``value`` is a multiple of ``divisor`` (both already checked ints)."""
+    if value % divisor != 0:
+        fail(
+            name,
+            f"be divisible by {divisor_name}",
+            f"{name}={value}, {divisor_name}={divisor}",
+        )

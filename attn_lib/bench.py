@@ -9,9 +9,10 @@ built, the case runs once to warm up, then ``repeats`` times under a timer
   allocated before the call.
 * CPU (Linux): the process's peak resident memory ``VmHWM``, reset by writing
   ``5`` to ``/proc/self/clear_refs`` just before the call, minus ``VmRSS``
-  then. glibc's ``MALLOC_MMAP_THRESHOLD_`` is fixed at 64 KiB in the worker
-  so that freed tensors go back to the system instead of being reused
-  unseen. ``tracemalloc`` is not used: it does not see PyTorch's allocations.
+  then. That measurement runs in a second fresh process whose glibc
+  ``MALLOC_MMAP_THRESHOLD_`` is fixed at 64 KiB, so that freed tensors go
+  back to the system instead of being reused unseen; the timings run in a
+  process with the allocator's defaults, which that setting would slow. ``tracemalloc`` is not used: it does not see PyTorch's allocations.
 * Elsewhere: not measured (``None``), never guessed.
 
 Throughput counts ``4 B H D`` floating-point operations per (query, key)
@@ -41,7 +42,7 @@ BACKENDS = ("naive", "math", "sdpa", "chunked", "triton")
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated minus allocated before the call",
     "cpu": "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before the "
-    "call, one fresh process per case, MALLOC_MMAP_THRESHOLD_=65536",
+    "call, in its own fresh process with MALLOC_MMAP_THRESHOLD_=65536",
 }
 
 
@@ -124,14 +125,23 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "time_ms": seconds * 1e3, "gflops": gflops, "peak_bytes": peak}
 
 
-def _run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
-    """``measure(spec)`` in a fresh Python process."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+def _worker(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """``measure(spec)`` in a fresh Python process with environment ``env``."""
     cmd = [sys.executable, "-m", "attn_lib.bench", "--worker", json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         return {**spec, "error": done.stderr.strip().splitlines()[-1:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time ``spec`` in one fresh process, measure its peak memory in another."""
+    timed = _worker(spec, dict(os.environ))
+    if "error" in timed or spec["device"] != "cpu":
+        return timed
+    small_mmap = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    peak = _worker({**spec, "repeats": 1}, small_mmap)
+    return {**timed, "peak_bytes": peak.get("peak_bytes")}
 
 
 def _run_here(spec: dict[str, Any]) -> dict[str, Any]:

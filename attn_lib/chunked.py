@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from functools import lru_cache
+from itertools import groupby
 
 import torch
 
@@ -49,58 +51,44 @@ def _tile(x: torch.Tensor | None, i0: int, i1: int, j0: int, j1: int):
     return x[..., rows, cols]
 
 
+def _restrict(view, mask, bias, block: Block, offset: int) -> None:
+    """Add the bias to a tile of scores and put ``-inf`` where it may not attend."""
+    i0, i1, j0, j1, diagonal = block
+    if bias is not None:
+        view += _tile(bias, i0, i1, j0, j1)
+    if mask is not None:
+        view.masked_fill_(~_tile(mask, i0, i1, j0, j1), float("-inf"))
+    if diagonal:
+        view.masked_fill_(
+            _future(i1 - i0, j1 - j0, i0 + offset - j0, view.device), float("-inf")
+        )
+
+
+@lru_cache(maxsize=16)
+def _future(rows: int, cols: int, shift: int, device: torch.device) -> torch.Tensor:
+    """``(rows, cols)``: True where key ``c`` lies after query ``r`` (``c > r + shift``).
+
+    Tiles on the diagonal share a few such patterns, so they are built once.
+    """
+    i = torch.arange(rows, device=device)[:, None]  # (bq, 1)
+    j = torch.arange(cols, device=device)[None, :]  # (1, bk)
+    return j > i + shift
+
+
 def _scores(qs, k1, shift, mask, bias, block: Block, lead, offset: int):
     """One tile of ``(scale q) k^T + bias - shift``, ``-inf`` where not allowed.
 
     ``qs`` ``(N, T, D)`` and ``k1`` ``(N, S, D + 1)`` have their leading dims
     flattened into ``N``; ``k1`` ends in a column of ones, so appending
     ``-shift`` ``(N, bq, 1)`` to the queries subtracts it inside the matmul:
-    no extra pass over the tile.
+    no extra pass over the tile (the backward pass shifts by the final
+    log-sum-exp this way).
     """
-    i0, i1, j0, j1, diagonal = block
+    i0, i1, j0, j1, _ = block
     q1 = torch.cat([qs[:, i0:i1], -shift], -1)  # (N, bq, D + 1)
     scores = q1 @ k1[:, j0:j1].transpose(1, 2)  # (N, bq, bk)
-    view = scores.view(*lead, i1 - i0, j1 - j0)  # (..., bq, bk)
-    if bias is not None:
-        view += _tile(bias, i0, i1, j0, j1)
-    if mask is not None:
-        view.masked_fill_(~_tile(mask, i0, i1, j0, j1), float("-inf"))
-    if diagonal:
-        i = torch.arange(i0, i1, device=qs.device)[:, None]  # (bq, 1)
-        j = torch.arange(j0, j1, device=qs.device)[None, :]  # (1, bk)
-        view.masked_fill_(j > i + offset, float("-inf"))
+    _restrict(scores.view(*lead, i1 - i0, j1 - j0), mask, bias, block, offset)
     return scores
-
-
-def _tile_sums(tensors, block, shift, lse_b, safe: bool, lead, offset: int):
-    """``exp(scores - shift) @ [v, 1]`` for one tile: weighted values and their sum.
-
-    The fast path shifts by the row's log-sum-exp so far (no pass for a max).
-    The safe path, for rows that have seen no key yet or a tile whose scores
-    overflowed, also shifts by the tile's own row maximum, as the textbook
-    online softmax does.
-    """
-    qs, k1, v1, mask, bias = tensors
-    if safe:  # raw scores: a huge shift inside the matmul would swamp them
-        scores = _scores(
-            qs, k1, torch.zeros_like(shift), mask, bias, block, lead, offset
-        )
-        top = scores.amax(-1, keepdim=True)  # (N, bq, 1)
-        top = torch.where(torch.isneginf(lse_b) | (top > shift), top, shift)
-        shift = top.nan_to_num(neginf=0.0)  # a row with no allowed key here: 0
-        scores.sub_(shift)
-    else:
-        scores = _scores(qs, k1, shift, mask, bias, block, lead, offset)  # (N, bq, bk)
-    j0, j1 = block[2], block[3]
-    return scores.exp_() @ v1[:, j0:j1], shift  # (N, bq, Dv + 1), (N, bq, 1)
-
-
-def _fold(out_b, lse_b, ext, shift) -> None:
-    """Merge one tile's sums into the running output and log-sum-exp, in place."""
-    old = (lse_b - shift).exp_()  # weight of the keys seen before; 0 if none
-    total = old + ext[..., -1:]  # (N, bq, 1)
-    out_b.mul_(old).add_(ext[..., :-1]).div_(total.masked_fill(total == 0, 1.0))
-    lse_b.copy_(shift + total.log())  # -inf for a row with no allowed key
 
 
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -114,24 +102,50 @@ def _with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1)  # (N, L, D + 1)
 
 
+def _row_block(qs_b, kt, v1, tensors, tiles, lead, offset):
+    """The online softmax for one block of queries over its key tiles.
+
+    Keeps a running row maximum ``m`` and ``acc = sum_j exp(s_j - m) [v_j, 1]``;
+    when a tile raises the maximum, ``acc`` is rescaled by ``exp(m_old - m)``.
+    The ones column of ``v1`` makes the weights' sum come out of the matmul.
+
+    Returns:
+        ``acc`` ``(N, bq, Dv + 1)`` and the final shift ``(N, bq, 1)`` (the row
+        maximum, or 0 for a row that may attend to nothing).
+    """
+    mask, bias = tensors
+    n, bq = qs_b.shape[:2]
+    m = qs_b.new_full((n, bq, 1), float("-inf"))  # running row maximum
+    acc = qs_b.new_zeros(n, bq, v1.shape[-1])  # (N, bq, Dv + 1)
+    shift = torch.zeros_like(m)
+    for block in tiles:
+        j0, j1 = block[2], block[3]
+        scores = torch.bmm(qs_b, kt[:, :, j0:j1])  # (N, bq, bk)
+        _restrict(scores.view(*lead, bq, j1 - j0), mask, bias, block, offset)
+        new = torch.maximum(m, scores.amax(-1, keepdim=True))  # (N, bq, 1)
+        shift = new.nan_to_num(neginf=0.0)  # no allowed key yet: shift by 0
+        scores.sub_(shift).exp_()  # weights up to a common factor
+        acc.mul_((m - shift).exp_()).baddbmm_(scores, v1[:, j0:j1])
+        m = new
+    return acc, shift
+
+
 def _forward(q, k, v, mask, bias, causal, scale, size):
     """Online softmax over key tiles; ``out`` and row log-sum-exp in compute dtype."""
     dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
-    qs, k1, v1 = _flat(q, dtype) * scale, _with_ones(k, dtype), _with_ones(v, dtype)
-    tensors = (qs, k1, v1, mask, None if bias is None else bias.to(dtype))
-    t, s = qs.shape[1], k1.shape[1]
-    out = qs.new_zeros(qs.shape[0], t, v.shape[-1])  # (N, T, Dv)
-    lse = qs.new_full((qs.shape[0], t, 1), float("-inf"))  # (N, T, 1)
+    qs = _flat(q, dtype) * scale  # (N, T, D)
+    kt = _flat(k, dtype).transpose(1, 2).contiguous()  # (N, D, S)
+    v1 = _with_ones(v, dtype)  # (N, S, Dv + 1)
+    tensors = (mask, None if bias is None else bias.to(dtype))
+    n, t, s = qs.shape[0], qs.shape[1], kt.shape[2]
+    out = qs.new_zeros(n, t, v.shape[-1])  # (N, T, Dv); rows seeing nothing stay 0
+    lse = qs.new_full((n, t, 1), float("-inf"))  # (N, T, 1)
 
-    for block in _blocks(t, s, size, causal):
-        i0, i1 = block[0], block[1]
-        lse_b = lse[:, i0:i1]
-        shift = lse_b.nan_to_num(neginf=0.0)  # (N, bq, 1)
-        safe = bool(torch.isneginf(lse_b).any())
-        ext, shift2 = _tile_sums(tensors, block, shift, lse_b, safe, lead, s - t)
-        if not safe and not bool(torch.isfinite(ext[..., -1]).all()):
-            ext, shift2 = _tile_sums(tensors, block, shift, lse_b, True, lead, s - t)
-        _fold(out[:, i0:i1], lse_b, ext, shift2)
+    for (i0, i1), tiles in groupby(_blocks(t, s, size, causal), lambda b: b[:2]):
+        acc, shift = _row_block(qs[:, i0:i1], kt, v1, tensors, tiles, lead, s - t)
+        total = acc[..., -1:]  # (N, bq, 1): sum of the unnormalised weights
+        out[:, i0:i1] = acc[..., :-1] / total.masked_fill(total == 0, 1.0)
+        lse[:, i0:i1] = shift + total.log()  # -inf for a row with no allowed key
 
     return out.view(*lead, t, v.shape[-1]), lse.view(*lead, t)  # (..., T, Dv), (..., T)
 

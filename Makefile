@@ -10,6 +10,11 @@ MATHJAX := $(MATHJAX_DIR)/tex-chtml.js
 
 .PHONY: book test lint unit notebooks browser-check colab-check clean
 
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $(STAMP)
+
 # MathJax 3 served from the book itself, so math renders without a CDN.
 # Only tex-chtml.js, its fonts and the TeX extensions it autoloads are kept.
 # It lives in _vendor/, not _static/: Jupyter Book adds a <script> tag for every

@@ -58,7 +58,7 @@ def fit(
     )
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=5.0)
     for step in bar:
         loss = loss_fn(model, *batches(step))
         optimizer.zero_grad(set_to_none=True)
@@ -69,6 +69,6 @@ def fit(
         schedule.step()
         losses.append(loss.item())
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
     model.eval()
     return losses

@@ -177,3 +177,17 @@ def divisible(value: int, name: str, divisor: int, divisor_name: str) -> None:
             f"be divisible by {divisor_name}",
             f"{name}={value}, {divisor_name}={divisor}",
         )
+
+
+def attention_args(
+    q: Any, k: Any, v: Any, *, attn_mask: Any, attn_bias: Any, softmax_scale: Any
+) -> tuple[int, int]:
+    """The checks every attention function shares; returns ``(T, S)``."""
+    t, s = qkv(q, k, v)
+    target = (*q.shape[:-2], t, s)
+    if attn_mask is not None:
+        mask(attn_mask, target, q.device)
+    if attn_bias is not None:
+        bias(attn_bias, target, q.device)
+    scale(softmax_scale)
+    return t, s

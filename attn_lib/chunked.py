@@ -274,13 +274,8 @@ def chunked_attention(
         >>> chunked_attention(q, k, v, is_causal=True, block_size=1).squeeze().tolist()
         [0.5, 1.0]
     """
-    t, s = _checks.qkv(q, k, v)
-    target = (*q.shape[:-2], t, s)
-    if mask is not None:
-        _checks.mask(mask, target, q.device)
-    if bias is not None:
-        _checks.bias(bias, target, q.device)
-    _checks.scale(scale)
+    _checks.attention_args(q, k, v, attn_mask=mask, attn_bias=bias, softmax_scale=scale)
+    _checks.flag(is_causal, "is_causal")
     _checks.positive_int(block_size, "block_size")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal = bool(is_causal)

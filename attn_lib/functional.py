@@ -218,13 +218,9 @@ def attention(
         >>> attention(q, k, v, is_causal=True).squeeze().tolist()
         [0.5, 1.0]
     """
-    t, s = _checks.qkv(q, k, v)
-    target = (*q.shape[:-2], t, s)
-    if mask is not None:
-        _checks.mask(mask, target, q.device)
-    if bias is not None:
-        _checks.bias(bias, target, q.device)
-    _checks.scale(scale)
+    t, s = _checks.attention_args(
+        q, k, v, attn_mask=mask, attn_bias=bias, softmax_scale=scale
+    )
     _checks.flag(is_causal, "is_causal")
     _checks.flag(return_weights, "return_weights")
     dropout_p = _checks.probability(dropout_p, "dropout_p")

@@ -1,6 +1,6 @@
 """A small attention classifier for scikit-learn's bundled handwritten digits.
 
-The 8x8 images of :func:`sklearn.datasets.load_digits` (real scans, shipped with
+The 8x8 images of ``sklearn.datasets.load_digits`` (real scans, shipped with
 scikit-learn, no download) become short sequences: either the 8 pixel rows, or
 the 16 patches of 2x2 pixels. A stack of multi-head attention blocks reads the
 sequence and a linear layer names the digit. The chapter on multi-head

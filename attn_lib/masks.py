@@ -144,8 +144,9 @@ def from_torch_mask(
         num_heads: ``H``, used to unfold a ``(B*H, T, S)`` ``attn_mask``.
 
     Returns:
-        A bool mask, True = may attend: ``(T, S)`` from a 2-D ``attn_mask``
-        alone, otherwise ``(B, H or 1, T or 1, S)``; ``None`` if both are ``None``.
+        The bool mask in attn_lib's convention (True = may attend), of shape
+        ``(T, S)`` from a 2-D ``attn_mask`` alone, otherwise
+        ``(B, H or 1, T or 1, S)``; ``None`` if both are ``None``.
 
     Example:
         >>> from_torch_mask(torch.tensor([[False, True]])).tolist()

@@ -102,7 +102,7 @@ def _with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1)  # (N, L, D + 1)
 
 
-def _row_block(qs_b, kt, v1, tensors, tiles, lead, offset):
+def _row_block(qs_b, ks, v1, tensors, tiles, lead, offset):
     """The online softmax for one block of queries over its key tiles.
 
     Keeps a running row maximum ``m`` and ``acc = sum_j exp(s_j - m) [v_j, 1]``;
@@ -120,7 +120,7 @@ def _row_block(qs_b, kt, v1, tensors, tiles, lead, offset):
     shift = torch.zeros_like(m)
     for block in tiles:
         j0, j1 = block[2], block[3]
-        scores = torch.bmm(qs_b, kt[:, :, j0:j1])  # (N, bq, bk)
+        scores = torch.bmm(qs_b, ks[:, j0:j1].transpose(1, 2))  # (N, bq, bk)
         _restrict(scores.view(*lead, bq, j1 - j0), mask, bias, block, offset)
         new = torch.maximum(m, scores.amax(-1, keepdim=True))  # (N, bq, 1)
         shift = new.nan_to_num(neginf=0.0)  # no allowed key yet: shift by 0
@@ -134,15 +134,15 @@ def _forward(q, k, v, mask, bias, causal, scale, size):
     """Online softmax over key tiles; ``out`` and row log-sum-exp in compute dtype."""
     dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
     qs = _flat(q, dtype) * scale  # (N, T, D)
-    kt = _flat(k, dtype).transpose(1, 2).contiguous()  # (N, D, S)
+    ks = _flat(k, dtype)  # (N, S, D); a tile's keys enter the matmul transposed
     v1 = _with_ones(v, dtype)  # (N, S, Dv + 1)
     tensors = (mask, None if bias is None else bias.to(dtype))
-    n, t, s = qs.shape[0], qs.shape[1], kt.shape[2]
+    n, t, s = qs.shape[0], qs.shape[1], ks.shape[1]
     out = qs.new_zeros(n, t, v.shape[-1])  # (N, T, Dv); rows seeing nothing stay 0
     lse = qs.new_full((n, t, 1), float("-inf"))  # (N, T, 1)
 
     for (i0, i1), tiles in groupby(_blocks(t, s, size, causal), lambda b: b[:2]):
-        acc, shift = _row_block(qs[:, i0:i1], kt, v1, tensors, tiles, lead, s - t)
+        acc, shift = _row_block(qs[:, i0:i1], ks, v1, tensors, tiles, lead, s - t)
         total = acc[..., -1:]  # (N, bq, 1): sum of the unnormalised weights
         out[:, i0:i1] = acc[..., :-1] / total.masked_fill(total == 0, 1.0)
         lse[:, i0:i1] = shift + total.log()  # -inf for a row with no allowed key

@@ -58,6 +58,8 @@ def qkv(q: Any, k: Any, v: Any) -> tuple[int, int]:
     for name, x in (("q", q), ("k", k), ("v", v)):
         tensor(x, name, min_dim=2, floating=True)
     same_dtype_device(q=q, k=k, v=v)
+    if q.shape[-1] == 0:
+        fail("q", "have a positive last dim D", f"shape {tuple(q.shape)}")
     if q.shape[-1] != k.shape[-1]:
         fail(
             "q and k",
@@ -181,13 +183,20 @@ def divisible(value: int, name: str, divisor: int, divisor_name: str) -> None:
 
 def attention_args(
     q: Any, k: Any, v: Any, *, attn_mask: Any, attn_bias: Any, softmax_scale: Any
-) -> tuple[int, int]:
-    """The checks every attention function shares; returns ``(T, S)``."""
+) -> tuple[Any, Any]:
+    """The checks every attention function shares.
+
+    Returns the mask and bias with at least 2 dims: a ``(S,)`` mask or a
+    scalar bias broadcasts like ``(1, S)`` or ``(1, 1)``, and the kernels
+    slice the last two dims.
+    """
     t, s = qkv(q, k, v)
     target = (*q.shape[:-2], t, s)
     if attn_mask is not None:
         mask(attn_mask, target, q.device)
+        attn_mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + attn_mask.shape)
     if attn_bias is not None:
         bias(attn_bias, target, q.device)
+        attn_bias = attn_bias.reshape((1,) * (2 - attn_bias.dim()) + attn_bias.shape)
     scale(softmax_scale)
-    return t, s
+    return attn_mask, attn_bias

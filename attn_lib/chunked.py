@@ -19,7 +19,7 @@ from itertools import groupby
 import torch
 
 from . import _checks
-from .functional import _compute_dtype, register_backend
+from .functional import _compute_dtype, attention, register_backend
 
 DEFAULT_BLOCK_SIZE = 512
 
@@ -274,23 +274,56 @@ def chunked_attention(
         >>> chunked_attention(q, k, v, is_causal=True, block_size=1).squeeze().tolist()
         [0.5, 1.0]
     """
-    _checks.attention_args(q, k, v, attn_mask=mask, attn_bias=bias, softmax_scale=scale)
+    mask, bias = _checks.attention_args(
+        q, k, v, attn_mask=mask, attn_bias=bias, softmax_scale=scale
+    )
     _checks.flag(is_causal, "is_causal")
     _checks.positive_int(block_size, "block_size")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    causal = bool(is_causal)
-    return _ChunkedAttention.apply(q, k, v, bias, mask, causal, scale, block_size)
+    return _backend(
+        q,
+        k,
+        v,
+        mask,
+        bias,
+        scale,
+        0.0,
+        is_causal=bool(is_causal),
+        block_size=block_size,
+    )
 
 
-def _backend(q, k, v, allowed, bias, scale, dropout_p, *, is_causal=False):
+def _backend(
+    q,
+    k,
+    v,
+    allowed,
+    bias,
+    scale,
+    dropout_p,
+    *,
+    is_causal=False,
+    block_size=DEFAULT_BLOCK_SIZE,
+):
     """What ``attention(..., backend="chunked")`` runs."""
     if dropout_p > 0.0:
         _checks.fail(
             "dropout_p", "be 0 with backend='chunked' (it has no dropout)", dropout_p
         )
-    return _ChunkedAttention.apply(
-        q, k, v, bias, allowed, is_causal, scale, DEFAULT_BLOCK_SIZE
-    )
+    if (
+        q.shape[-2] == 0 or k.shape[-2] == 0
+    ):  # no tiles: the plain path's empty/zero result
+        return attention(
+            q,
+            k,
+            v,
+            mask=allowed,
+            bias=bias,
+            is_causal=is_causal,
+            scale=scale,
+            backend="math",
+        )
+    return _ChunkedAttention.apply(q, k, v, bias, allowed, is_causal, scale, block_size)
 
 
 register_backend("chunked", _backend, causal=True)

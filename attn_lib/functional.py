@@ -218,9 +218,10 @@ def attention(
         >>> attention(q, k, v, is_causal=True).squeeze().tolist()
         [0.5, 1.0]
     """
-    t, s = _checks.attention_args(
+    mask, bias = _checks.attention_args(
         q, k, v, attn_mask=mask, attn_bias=bias, softmax_scale=scale
     )
+    t, s = q.shape[-2], k.shape[-2]
     _checks.flag(is_causal, "is_causal")
     _checks.flag(return_weights, "return_weights")
     dropout_p = _checks.probability(dropout_p, "dropout_p")

@@ -187,6 +187,11 @@ class MultiHeadAttention(nn.Module):
         wanted = f"(B, L, {width})" if batch is None else f"({batch}, L, {width})"
         if x.dim() != 3 or x.shape[-1] != width or batch not in (None, x.shape[0]):
             _checks.fail(name, f"have shape {wanted}", f"shape {tuple(x.shape)}")
+        dtype = self.q_proj.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled():
+            _checks.fail(
+                name, f"have the module's dtype {dtype}", x.dtype, exc=TypeError
+            )
 
     def _key_value_inputs(
         self, x: torch.Tensor, context: Context

@@ -267,3 +267,12 @@ def test_bad_inputs_are_named():
         attn_lib.chunked_attention(q, q, q, scale=0.0)
     with pytest.raises(ValueError, match=r"k and v must have the same length S"):
         attn_lib.chunked_attention(q, q, torch.ones(2, 5, 4))
+
+
+def test_empty_queries_or_keys_give_the_plain_paths_result():
+    q, k, v = torch.randn(1, 2, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 5)
+    assert attn_lib.chunked_attention(q[:, :0], k, v).shape == (1, 0, 5)
+    no_keys = attn_lib.chunked_attention(q, k[:, :0], v[:, :0])
+    assert no_keys.shape == (1, 2, 5) and (no_keys == 0).all()
+    via_backend = attn_lib.attention(q, k[:, :0], v[:, :0], backend="chunked")
+    assert (via_backend == 0).all()

@@ -348,3 +348,34 @@ def test_bad_mask_bias_scale_dropout_are_named():
         attn_lib.attention(q, k, k, scale=-1.0)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\); got 1.0"):
         attn_lib.attention(q, k, k, dropout_p=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_dim_mask_and_scalar_bias_broadcast_like_their_2d_forms(backend, gen):
+    q, k, v = randn(gen, 2, 3, 11, 8), randn(gen, 2, 3, 13, 8), randn(gen, 2, 3, 13, 8)
+    keys = torch.arange(13) < 9  # (S,)
+    ramp = torch.arange(13, dtype=q.dtype) / 5  # (S,)
+    expected = attn_lib.attention(q, k, v, mask=keys[None], backend="math")
+    torch.testing.assert_close(
+        attn_lib.attention(q, k, v, mask=keys, backend=backend), expected
+    )
+    torch.testing.assert_close(
+        attn_lib.attention(q, k, v, bias=ramp, backend=backend),
+        attn_lib.attention(q, k, v, bias=ramp[None], backend="math"),
+    )
+    torch.testing.assert_close(
+        attn_lib.attention(
+            q, k, v, bias=torch.tensor(1.0, dtype=q.dtype), backend=backend
+        ),
+        attn_lib.attention(q, k, v, backend="math"),
+    )
+    assert expected.shape == (2, 3, 11, 8)
+
+
+def test_zero_head_dim_is_refused():
+    with pytest.raises(
+        ValueError, match=r"q must have a positive last dim D; got shape \(1, 2, 0\)"
+    ):
+        attn_lib.attention(
+            torch.ones(1, 2, 0), torch.ones(1, 3, 0), torch.ones(1, 3, 2)
+        )

@@ -342,3 +342,12 @@ def test_from_torch_refuses_what_it_cannot_copy():
         MultiHeadAttention.from_torch(nn.MultiheadAttention(8, 2, add_bias_kv=True))
     with pytest.raises(TypeError, match=r"mha must be an nn.MultiheadAttention"):
         MultiHeadAttention.from_torch(nn.Linear(2, 2))
+
+
+def test_input_of_another_dtype_is_named():
+    mha = attn_lib.MultiHeadAttention(16, 4)
+    with pytest.raises(
+        TypeError,
+        match=r"x must have the module's dtype torch.float32; got torch.float64",
+    ):
+        mha(torch.randn(2, 6, 16, dtype=torch.float64))

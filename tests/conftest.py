@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attn_lib import reference
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param(
@@ -39,3 +41,15 @@ def randn(gen: torch.Generator, *shape: int, dtype=torch.float64, device="cpu"):
 def random_mask(gen: torch.Generator, *shape: int, p: float = 0.7, device="cpu"):
     """Seeded bool mask, True with probability ``p``."""
     return (torch.rand(*shape, generator=gen) < p).to(device)
+
+
+def numpy_reference(q, k, v, mask=None, scale=None):
+    """The NumPy float64 reference ``(out, weights)``, as tensors on the CPU."""
+    out, w = reference.scaled_dot_product_attention(
+        q.double().cpu().numpy(),
+        k.double().cpu().numpy(),
+        v.double().cpu().numpy(),
+        None if mask is None else mask.cpu().numpy(),
+        scale=scale,
+    )
+    return torch.from_numpy(out), torch.from_numpy(w)

@@ -30,24 +30,12 @@ from _contract import (
     need,
     runnable,
 )
-from conftest import randn, random_mask
+from conftest import numpy_reference, randn, random_mask
 
 import attn_lib
 from attn_lib import reference
 
 F32 = torch.float32
-
-
-def _ref(q, k, v, mask=None, scale=None):
-    """The NumPy float64 reference, as tensors on the CPU."""
-    out, w = reference.scaled_dot_product_attention(
-        q.double().cpu().numpy(),
-        k.double().cpu().numpy(),
-        v.double().cpu().numpy(),
-        None if mask is None else mask.cpu().numpy(),
-        scale=scale,
-    )
-    return torch.from_numpy(out), torch.from_numpy(w)
 
 
 def _qkv(gen, *lead, t=7, s=13, d=5, dv=3, device="cpu", dtype=F32):
@@ -76,7 +64,7 @@ def test_empty_row_issue_example(backend):
     out = attn_lib.attention(q, k, v, mask=mask, backend=backend)
     expected = torch.tensor([[17.310586], [0.0]])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-6)
-    ref_out, _ = _ref(q, k, v, mask)
+    ref_out, _ = numpy_reference(q, k, v, mask)
     torch.testing.assert_close(ref_out, expected.double(), atol=1e-6, rtol=1e-7)
 
 
@@ -161,7 +149,7 @@ def test_reference_empty_rows_are_zero(gen):
     q, k, v = _qkv(gen, t=4, s=6, dtype=torch.float64)
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[2] = False
-    out, w = _ref(q, k, v, mask)
+    out, w = numpy_reference(q, k, v, mask)
     assert (out[2] == 0).all() and (w[2] == 0).all()
     if has("reference", "tiled_attention"):
         tiled = reference.tiled_attention(q.numpy(), k.numpy(), v.numpy(), mask.numpy())
@@ -227,7 +215,7 @@ def test_reference_mask_polarity_matches_attention(gen):
     q, k, v = _qkv(gen, t=7, s=13, dtype=torch.float64)
     mask = random_mask(gen, 7, 13)
     mask[:, 2] = True
-    out, w = _ref(q, k, v, mask)
+    out, w = numpy_reference(q, k, v, mask)
     assert (w[~mask] == 0).all()
     torch.testing.assert_close(attn_lib.attention(q, k, v, mask=mask), out)
 
@@ -386,7 +374,7 @@ def test_causal_is_bottom_right_on_every_backend(backend, t, s, gen, device):
     rule = (j <= i + (s - t)).to(device)
     assert torch.equal(attn_lib.causal_mask(t, s, device=device), rule)
     out = attn_lib.attention(q, k, v, is_causal=True, backend=backend)
-    expected, _ = _ref(q, k, v, rule)
+    expected, _ = numpy_reference(q, k, v, rule)
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-5, rtol=1e-5)
     top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.allclose(out, top_left, atol=1e-5) == (t == s)

@@ -5,23 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, random_mask
+from conftest import numpy_reference, randn, random_mask
 
 import attn_lib
-from attn_lib import reference
 
 BACKENDS = [b for b in attn_lib.available_backends() if b != "triton"]
-
-
-def _reference(q, k, v, mask=None, scale=None):
-    out, w = reference.scaled_dot_product_attention(
-        q.double().cpu().numpy(),
-        k.double().cpu().numpy(),
-        v.double().cpu().numpy(),
-        None if mask is None else mask.cpu().numpy(),
-        scale=scale,
-    )
-    return torch.from_numpy(out), torch.from_numpy(w)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -32,7 +20,7 @@ def test_matches_reference_on_unequal_lengths(backend, shape, gen, device):
     k = randn(gen, *lead, s, 5, device=device)
     v = randn(gen, *lead, s, 3, device=device)
     out = attn_lib.attention(q, k, v, backend=backend)
-    expected, _ = _reference(q, k, v)
+    expected, _ = numpy_reference(q, k, v)
     torch.testing.assert_close(out.cpu(), expected)
 
 
@@ -144,7 +132,7 @@ def test_causal_equals_explicit_bottom_right_mask(backend, t, s, gen, device):
     j = torch.arange(s, device=device)[None, :]
     explicit = j <= i + (s - t)
     out = attn_lib.attention(q, k, v, is_causal=True, backend=backend)
-    expected, _ = _reference(q, k, v, explicit)
+    expected, _ = numpy_reference(q, k, v, explicit)
     torch.testing.assert_close(out.cpu(), expected)
 
 

@@ -1,18 +1,23 @@
 """``python -m attn_lib.bench``: time and peak memory of each attention path.
 
-Each case (a backend at one length) runs in a fresh Python process, so one
-case's freed memory cannot hide the next one's peak. Inside it the inputs are
-built, the case runs once to warm up, then ``repeats`` times under a timer
-(the median is kept), then once more while its peak memory is measured:
+Time: the cases at one length (every backend, plain and causal) are timed in
+one fresh Python process on the same inputs. Each runs once to warm up, then
+they take turns, ``repeats`` rounds, and each keeps the median of its times;
+a shared machine's drift thus reaches every case alike, and ``vs_sdpa`` is a
+ratio of times taken side by side.
+
+Peak memory: each case in a fresh process of its own (so that one case's
+freed memory cannot hide the next one's peak), one warm-up call, then one
+measured call:
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what was
   allocated before the call.
 * CPU (Linux): the process's peak resident memory ``VmHWM``, reset by writing
   ``5`` to ``/proc/self/clear_refs`` just before the call, minus ``VmRSS``
-  then. That measurement runs in a second fresh process whose glibc
-  ``MALLOC_MMAP_THRESHOLD_`` is fixed at 64 KiB, so that freed tensors go
+  then. That process's glibc ``MALLOC_MMAP_THRESHOLD_`` is fixed at 64 KiB, so that freed tensors go
   back to the system instead of being reused unseen; the timings run in a
-  process with the allocator's defaults, which that setting would slow. ``tracemalloc`` is not used: it does not see PyTorch's allocations.
+  process with the allocator's defaults, which that setting would slow.
+  ``tracemalloc`` is not used: it does not see PyTorch's allocations.
 * Elsewhere: not measured (``None``), never guessed.
 
 Throughput counts ``4 B H D`` floating-point operations per (query, key)
@@ -56,9 +61,12 @@ def _naive(q, k, v, causal):
     return torch.softmax(scores, dim=-1) @ v  # (B, H, T, Dv)
 
 
-def _case_fn(backend: str, causal: bool, block_size: int) -> Callable[..., Any]:
+def _case_fn(backend: str, causal: bool, block_size: Any) -> Callable[..., Any]:
     """The function one case times: ``fn(q, k, v)``."""
     import attn_lib
+
+    if isinstance(block_size, list):  # a (rows, cols) pair after a JSON trip
+        block_size = tuple(block_size)
 
     if backend == "naive":
         return lambda q, k, v: _naive(q, k, v, causal)
@@ -98,58 +106,104 @@ def _peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None
         return None
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one case in this process; returns its time, throughput and memory."""
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
+def _inputs(spec: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """The case's q, k and v, the same for every case of one shape."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     b, h, n, d = spec["batch"], spec["heads"], spec["length"], spec["dim"]
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype) for _ in "qkv")
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    return tuple(
+        torch.randn(b, h, n, d, generator=gen).to(device, dtype) for _ in "qkv"
+    )
+
+
+def _failed(spec: dict[str, Any], err: Exception) -> dict[str, Any]:
+    return {**spec, "error": [f"{type(err).__name__}: {err}"]}
+
+
+def time_cases(specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Time cases of one input shape in this process, taking turns.
+
+    Every case runs once to warm up; then each round times every case once,
+    ``repeats`` rounds in all, and each case keeps the median of its times.
+    Taking turns means that a shared machine's drift (other loads, clock
+    changes) reaches every case alike, so ratios between them are fair. A
+    case that raises is reported with an ``error`` and leaves the rounds.
+    """
+    q, k, v = _inputs(specs[0])
+    cuda = q.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    results, fns = [dict(s) for s in specs], {}
+    for i, spec in enumerate(specs):
+        try:
+            fn = _case_fn(spec["backend"], spec["causal"], spec["block_size"])
+            fn(q, k, v)  # warm up
+            fns[i] = fn
+        except Exception as err:  # e.g. out of memory: the table says so
+            results[i] = _failed(spec, err)
+    times: dict[int, list[float]] = {i: [] for i in fns}
+    for _ in range(specs[0]["repeats"]):
+        for i, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn(q, k, v)
+            sync()
+            times[i].append(time.perf_counter() - start)
+    for i, spent in times.items():
+        spec, seconds = specs[i], statistics.median(spent)
+        n = spec["length"]
+        pairs = n * (n + 1) // 2 if spec["causal"] else n * n
+        flops = 4 * spec["batch"] * spec["heads"] * spec["dim"] * pairs
+        results[i] |= {"time_ms": seconds * 1e3, "gflops": flops / seconds / 1e9}
+    return results
+
+
+def peak_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """One case's extra peak memory in this process, after one warm-up call."""
+    q, k, v = _inputs(spec)
     fn = _case_fn(spec["backend"], spec["causal"], spec["block_size"])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    fn(q, k, v)  # warm up
-    times = []
-    for _ in range(spec["repeats"]):
-        sync()
-        start = time.perf_counter()
-        fn(q, k, v)
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = _peak_extra_bytes(lambda: fn(q, k, v), device)
-    pairs = n * (n + 1) // 2 if spec["causal"] else n * n
-    seconds = statistics.median(times)
-    gflops = 4 * b * h * d * pairs / seconds / 1e9
-    return {**spec, "time_ms": seconds * 1e3, "gflops": gflops, "peak_bytes": peak}
+    fn(q, k, v)
+    return {**spec, "peak_bytes": _peak_extra_bytes(lambda: fn(q, k, v), q.device)}
 
 
-def _worker(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """``measure(spec)`` in a fresh Python process with environment ``env``."""
-    cmd = [sys.executable, "-m", "attn_lib.bench", "--worker", json.dumps(spec)]
+def _worker(job: dict[str, Any], env: dict[str, str]) -> Any:
+    """One job (``time`` or ``peak``) in a fresh Python process with environment ``env``.
+
+    Returns what the job returns, or the last line of its error output.
+    """
+    cmd = [sys.executable, "-m", "attn_lib.bench", "--worker", json.dumps(job)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        return {**spec, "error": done.stderr.strip().splitlines()[-1:]}
+        return done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time ``spec`` in one fresh process, measure its peak memory in another."""
-    timed = _worker(spec, dict(os.environ))
-    if "error" in timed or spec["device"] != "cpu":
-        return timed
-    small_mmap = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    peak = _worker({**spec, "repeats": 1}, small_mmap)
-    return {**timed, "peak_bytes": peak.get("peak_bytes")}
-
-
-def _run_here(spec: dict[str, Any]) -> dict[str, Any]:
-    """``measure(spec)`` in this process; a failure is reported, not raised."""
+def _do(job: dict[str, Any]) -> Any:
+    """What a worker runs."""
+    if job["job"] == "time":
+        return time_cases(job["specs"])
     try:
-        return measure(spec)
-    except Exception as err:  # e.g. out of memory: the table says so
-        return {**spec, "error": [f"{type(err).__name__}: {err}"]}
+        return peak_memory(job["spec"])
+    except Exception as err:
+        return _failed(job["spec"], err)
+
+
+def _time_isolated(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`time_cases` in a fresh process; a crash fails every case."""
+    out = _worker({"job": "time", "specs": specs}, dict(os.environ))
+    if isinstance(out, list) and all(isinstance(r, dict) for r in out):
+        return out
+    return [{**s, "error": out} for s in specs]
+
+
+def _peak_isolated(spec: dict[str, Any]) -> int | None:
+    """:func:`peak_memory` in a fresh process (on the CPU with a small mmap threshold)."""
+    env = dict(os.environ)
+    if spec["device"] == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = _worker({"job": "peak", "spec": spec}, env)
+    return out.get("peak_bytes") if isinstance(out, dict) else None
 
 
 def device_name(device: torch.device, threads: int | None = None) -> str:
@@ -189,12 +243,12 @@ def run(
     backends: Sequence[str] = BACKENDS,
     device: str | None = None,
     repeats: int = 3,
-    block_size: int = 512,
+    block_size: int | tuple[int, int] | None = None,
     threads: int | None = None,
     isolate: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Benchmark every (backend, causal) case at every length, each in its own process.
+    """Benchmark every (backend, causal) case at every length (see the module docs).
 
     Args:
         lengths: sequence lengths ``T = S`` to try.
@@ -203,12 +257,14 @@ def run(
         backends: any of ``BACKENDS``; ``"triton"`` is skipped where it cannot run.
         device: defaults to :func:`attn_lib.get_device`.
         repeats: timed calls per case (the median is kept).
-        block_size: the tile size of ``"chunked"``.
+        block_size: the tiles of ``"chunked"``, as its ``block_size``;
+            ``None`` keeps its default.
         threads: CPU threads per case (default: PyTorch's choice). On a busy
             shared machine one thread gives steadier numbers.
-        isolate: run each case in a fresh process (about 2 s each). ``False``
-            runs them here, faster, but memory freed by one case can then hide
-            part of the next one's peak (the report says so).
+        isolate: time each length, and measure each case's memory, in fresh
+            processes (about 2 s each). ``False`` runs everything here,
+            faster, but memory freed by one case can then hide part of the
+            next one's peak (the report says so).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -228,6 +284,8 @@ def run(
 
     dev = torch.device(device) if device else get_device()
     base = {"batch": batch, "heads": heads, "dim": dim, "dtype": dtype}
+    if block_size is None:
+        from .chunked import DEFAULT_BLOCK_SIZE as block_size
     base |= {"device": str(dev), "repeats": repeats, "block_size": block_size}
     base |= {"threads": threads}
     specs = [
@@ -235,8 +293,16 @@ def run(
         for n in lengths
         for b, c in _cases(backends, dev)
     ]
-    one = _run_isolated if isolate else _run_here
-    results = [one(s) for s in tqdm(specs, disable=not progress)]
+    timer = _time_isolated if isolate else time_cases
+    peak = _peak_isolated if isolate else _peak_here
+    results = []
+    with tqdm(total=len(specs), disable=not progress) as bar:
+        for n in lengths:
+            for r in timer([s for s in specs if s["length"] == n]):
+                if "error" not in r:
+                    r["peak_bytes"] = peak(r)
+                results.append(r)
+                bar.update()
     _add_ratios(results)
     method = MEMORY_METHOD.get(dev.type, "not measured on this device")
     if not isolate and dev.type != "cuda":
@@ -248,6 +314,13 @@ def run(
         "memory_method": method,
         "results": results,
     }
+
+
+def _peak_here(spec: dict[str, Any]) -> int | None:
+    try:
+        return peak_memory(spec)["peak_bytes"]
+    except Exception:  # measured where it can be; the time still counts
+        return None
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:
@@ -293,23 +366,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument(
+        "--block-size", type=int, nargs="+", default=None, metavar="N",
+        help="chunked tiles: one int, or query rows and key columns",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default="bench_results/bench.json", help="report path")
     p.add_argument(
         "--in-process", action="store_true", help="faster, memory less exact"
     )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # one case, for run()
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one job, for run()
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        print(json.dumps(_do(json.loads(args.worker))))
         return 0
 
+    block = args.block_size
+    if block is not None and len(block) > 2:
+        p.error("--block-size takes one int, or two: query rows and key columns")
+    if block is not None:
+        block = block[0] if len(block) == 1 else tuple(block)
     report = run(
         args.lengths, batch=args.batch, heads=args.heads, dim=args.dim,
         dtype=args.dtype, backends=args.backends, device=args.device,
-        repeats=args.repeats, block_size=args.block_size, threads=args.threads,
+        repeats=args.repeats, block_size=block, threads=args.threads,
         isolate=not args.in_process, progress=not args.no_progress,
     )  # fmt: skip
     print(format_table(report))

@@ -1,45 +1,89 @@
-"""Chunked attention: the online softmax over blocks of keys, in PyTorch ops.
+"""Chunked attention: the online softmax over tiles of queries and keys, in PyTorch ops.
 
-Queries are cut into blocks of ``block_size`` rows and keys into blocks of
-``block_size`` columns; only one ``(..., block, block)`` tile of scores exists
-at a time, so extra memory grows linearly with the sequence length instead of
-quadratically. The backward pass recomputes the tiles instead of storing them.
+Queries are cut into blocks of rows and keys into blocks of columns; only one
+tile of scores per group of heads exists at a time, so extra memory grows
+linearly with the sequence length instead of quadratically. The backward pass
+recomputes the tiles instead of storing them.
 
 Shapes: q ``(..., T, D)``, k ``(..., S, D)``, v ``(..., S, Dv)``; masks and
 biases broadcast to ``(..., T, S)``. Masks are boolean, True = may attend.
+The leading dims are flattened into ``N`` "heads" inside this module.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from itertools import groupby
 
 import torch
 
 from . import _checks
 from .functional import _compute_dtype, attention, register_backend
 
-DEFAULT_BLOCK_SIZE = 512
+DEFAULT_BLOCK_SIZE = (256, 512)  # (query rows, key columns) per tile
+TILE_ELEMENTS = 1 << 19  # scores per tile, summed over heads: 2 MiB in float32
+LOG2_E = 1.4426950408889634
+GROWTH = 8.0  # a row's maximum may grow this much before its sums are rescaled
 
-Block = tuple[int, int, int, int, bool]  # i0, i1, j0, j1, needs a causal mask
+Block = tuple[int, int, int, int, bool]  # rows i0:i1, keys j0:j1, crosses the diagonal
 
 
-def _blocks(t: int, s: int, size: int, causal: bool) -> Iterator[Block]:
-    """The (query block, key block) tiles to compute, skipping those above the diagonal.
+def _row_blocks(
+    t: int, s: int, rows: int, cols: int, causal: bool
+) -> Iterator[tuple[int, int, list[Block]]]:
+    """Each block of query rows ``[i0, i1)`` with its tiles, in order.
 
-    Causal alignment is bottom-right: query ``i`` sees key ``j`` iff
-    ``j <= i + (S - T)``. A tile whose first key is beyond what its last query
-    may see is skipped; a tile that straddles the diagonal needs a mask.
+    A block's tiles take its rows by ``cols`` keys at a time. With ``causal``
+    (bottom-right: query ``i`` sees key ``j`` iff ``j <= i + S - T``) they stop
+    at the block's last visible key, so keys no query of the block may see are
+    never computed, and a tile whose last key lies beyond what the block's first
+    query sees is flagged for a mask.
     """
     offset = s - t
-    for i0 in range(0, t, size):
-        i1 = min(i0 + size, t)
+    for i0 in range(0, t, rows):
+        i1 = min(i0 + rows, t)
         stop = min(s, i1 + offset) if causal else s  # keys j < stop are visible
-        for j0 in range(0, max(stop, 0), size):
-            j1 = min(j0 + size, s)
-            yield i0, i1, j0, j1, causal and j1 - 1 > i0 + offset
+        tiles = []
+        for j0 in range(0, max(stop, 0), cols):
+            j1 = min(j0 + cols, stop)
+            tiles.append((i0, i1, j0, j1, causal and j1 - 1 > i0 + offset))
+        yield i0, i1, tiles
+
+
+def tile_plan(
+    t: int,
+    s: int,
+    *,
+    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    is_causal: bool = False,
+) -> list[Block]:
+    """The tiles :func:`chunked_attention` computes for ``T`` queries and ``S`` keys.
+
+    Args:
+        t, s: the numbers of queries and keys, non-negative ints.
+        block_size: as in :func:`chunked_attention`.
+        is_causal: as in :func:`chunked_attention`.
+
+    Returns:
+        ``(i0, i1, j0, j1, masked)`` per tile, in the order they are computed:
+        queries ``i0:i1`` against keys ``j0:j1``; ``masked`` tiles cross the
+        causal diagonal.
+
+    Example:
+        >>> tile_plan(4, 4, block_size=2, is_causal=True)
+        [(0, 2, 0, 2, True), (2, 4, 0, 2, False), (2, 4, 2, 4, True)]
+    """
+    _checks.nonneg_int(t, "t")
+    _checks.nonneg_int(s, "s")
+    rows, cols = _block_size(block_size)
+    _checks.flag(is_causal, "is_causal")
+    return list(_tiles(t, s, rows, cols, is_causal))
+
+
+def _tiles(t: int, s: int, rows: int, cols: int, causal: bool) -> Iterator[Block]:
+    for *_, tiles in _row_blocks(t, s, rows, cols, causal):
+        yield from tiles
 
 
 def _tile(x: torch.Tensor | None, i0: int, i1: int, j0: int, j1: int):
@@ -49,19 +93,6 @@ def _tile(x: torch.Tensor | None, i0: int, i1: int, j0: int, j1: int):
     rows = slice(i0, i1) if x.shape[-2] != 1 else slice(None)
     cols = slice(j0, j1) if x.shape[-1] != 1 else slice(None)
     return x[..., rows, cols]
-
-
-def _restrict(view, mask, bias, block: Block, offset: int) -> None:
-    """Add the bias to a tile of scores and put ``-inf`` where it may not attend."""
-    i0, i1, j0, j1, diagonal = block
-    if bias is not None:
-        view += _tile(bias, i0, i1, j0, j1)
-    if mask is not None:
-        view.masked_fill_(~_tile(mask, i0, i1, j0, j1), float("-inf"))
-    if diagonal:
-        view.masked_fill_(
-            _future(i1 - i0, j1 - j0, i0 + offset - j0, view.device), float("-inf")
-        )
 
 
 @lru_cache(maxsize=16)
@@ -75,20 +106,136 @@ def _future(rows: int, cols: int, shift: int, device: torch.device) -> torch.Ten
     return j > i + shift
 
 
-def _scores(qs, k1, shift, mask, bias, block: Block, lead, offset: int):
-    """One tile of ``(scale q) k^T + bias - shift``, ``-inf`` where not allowed.
+def _restrict(scores, blocked, bias, block: Block, offset: int) -> bool:
+    """Add the bias to a tile of scores and put ``-inf`` where it may not attend.
 
-    ``qs`` ``(N, T, D)`` and ``k1`` ``(N, S, D + 1)`` have their leading dims
-    flattened into ``N``; ``k1`` ends in a column of ones, so appending
-    ``-shift`` ``(N, bq, 1)`` to the queries subtracts it inside the matmul:
-    no extra pass over the tile (the backward pass shifts by the final
-    log-sum-exp this way).
+    Returns whether any ``-inf`` may have been written.
     """
-    i0, i1, j0, j1, _ = block
-    q1 = torch.cat([qs[:, i0:i1], -shift], -1)  # (N, bq, D + 1)
-    scores = q1 @ k1[:, j0:j1].transpose(1, 2)  # (N, bq, bk)
-    _restrict(scores.view(*lead, i1 - i0, j1 - j0), mask, bias, block, offset)
-    return scores
+    i0, i1, j0, j1, diagonal = block
+    if bias is not None:
+        scores += _tile(bias, i0, i1, j0, j1)
+    if blocked is not None:
+        scores.masked_fill_(_tile(blocked, i0, i1, j0, j1), float("-inf"))
+    if diagonal:
+        future = _future(i1 - i0, j1 - j0, i0 + offset - j0, scores.device)
+        scores.masked_fill_(future, float("-inf"))
+    return diagonal or blocked is not None
+
+
+def _exp_(x: torch.Tensor, masked: bool) -> torch.Tensor:
+    """``exp`` in place. On CPU, ``torch.exp`` slows down about tenfold on
+    ``-inf`` and on inputs below about -87; ``exp2`` does not, so masked tiles
+    take ``2 ** (x log2 e)`` instead.
+    """
+    return x.mul_(LOG2_E).exp2_() if masked else x.exp_()
+
+
+def _unravel(n: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """The index into ``shape`` of flat (row-major) position ``n``."""
+    index = []
+    for size in reversed(shape):
+        n, i = divmod(n, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
+def _for_heads(x: torch.Tensor | None, lead, heads: range) -> torch.Tensor | None:
+    """A mask's or bias's ``(G or 1, Tx, Sx)`` slices for flattened heads ``heads``.
+
+    One view when every head in the group shares the same slice (say a
+    ``(B, 1, 1, S)`` padding mask over the heads of one batch row); otherwise
+    the group's slices are stacked, a copy ``G`` slices large.
+    """
+    if x is None:
+        return None
+    x = x.expand(*lead, *x.shape[-2:])  # a view: broadcast dims have stride 0
+    parts = [x[_unravel(n, lead)] for n in heads]
+    if all(p.data_ptr() == parts[0].data_ptr() for p in parts):
+        return parts[0].unsqueeze(0)
+    return torch.stack(parts)
+
+
+def _groups(n: int, rows: int, cols: int) -> Iterator[range]:
+    """Consecutive heads computed together: a tile holds ``TILE_ELEMENTS``
+    scores (small enough for the CPU's cache, big enough for fast matmuls),
+    and every thread gets at least one head's tile."""
+    size = max(1, TILE_ELEMENTS // (rows * cols), torch.get_num_threads())
+    for g0 in range(0, n, size):
+        yield range(g0, min(g0 + size, n))
+
+
+def _row_block(qs_b, kt, vs, tensors, tiles, offset, buf):
+    """The online softmax for one block of query rows over its key tiles.
+
+    Keeps, per query row, a shift ``m`` (the running maximum, up to
+    ``GROWTH``), the running sum ``total`` of ``exp(score - m)`` and
+    ``acc = sum_j exp(s_j - m) v_j``. Only when some row's maximum grows by
+    more than ``GROWTH`` does ``m`` move, and ``total`` and ``acc`` are
+    rescaled by ``exp(m_old - m_new)``; below that, weights up to
+    ``e ** GROWTH`` are summed as they are, far from float32's overflow.
+
+    Returns:
+        ``acc`` ``(G, bq, Dv)``, ``total`` ``(G, bq, 1)`` and the final shift
+        ``(G, bq, 1)`` (``m``, or 0 for a row that may attend to nothing).
+    """
+    blocked, bias = tensors
+    g, bq = qs_b.shape[:2]
+    m = None
+    for block in tiles:
+        j0, j1 = block[2], block[3]
+        scores = buf[: g * bq * (j1 - j0)].view(g, bq, j1 - j0)
+        torch.bmm(qs_b, kt[:, :, j0:j1], out=scores)  # (G, bq, bk)
+        masked = _restrict(scores, blocked, bias, block, offset)
+        top = scores.amax(-1, keepdim=True)  # (G, bq, 1)
+        moves = m is None or bool((top > m + GROWTH).any())
+        if moves:
+            new = top if m is None else torch.maximum(m, top)
+            shift = new.nan_to_num(neginf=0.0)  # no allowed key yet: shift by 0
+        weights = _exp_(scores.sub_(shift), masked)  # up to a common factor
+        row_sums = weights.sum(-1, keepdim=True)  # (G, bq, 1)
+        if m is None:
+            total, acc = row_sums, torch.bmm(weights, vs[:, j0:j1])  # (G, bq, Dv)
+        else:
+            if moves:
+                rescale = (m - shift).exp_()  # m_old = -inf gives 0: acc was 0
+                total.mul_(rescale)
+                acc.mul_(rescale)
+            total.add_(row_sums)
+            acc.baddbmm_(weights, vs[:, j0:j1])
+        if moves:
+            m = new
+    return acc, total, shift
+
+
+def _forward(q, k, v, mask, bias, causal, scale, size):
+    """Online softmax over key tiles; ``out`` and row log-sum-exp in compute dtype."""
+    dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
+    qs = _flat(q, dtype) * scale  # (N, T, D)
+    kt = _flat(k, dtype).transpose(1, 2)  # (N, D, S): tiles enter matmuls as views
+    vs = _flat(v, dtype)  # (N, S, Dv)
+    blocked = None if mask is None else ~mask
+    bias = None if bias is None else bias.to(dtype)
+    (n, t, _), s = qs.shape, kt.shape[2]
+    out = qs.new_zeros(n, t, v.shape[-1])  # (N, T, Dv); rows seeing nothing stay 0
+    lse = qs.new_full((n, t, 1), float("-inf"))  # (N, T, 1)
+    rows, cols = size
+
+    buf = None  # one tile of scores, reused
+    for heads in _groups(n, rows, cols):
+        h = slice(heads.start, heads.stop)
+        tensors = (_for_heads(blocked, lead, heads), _for_heads(bias, lead, heads))
+        if buf is None:
+            buf = qs.new_empty(len(heads) * rows * cols)
+        for i0, i1, tiles in _row_blocks(t, s, rows, cols, causal):
+            if not tiles:  # no query here sees a key: out 0, lse -inf
+                continue
+            acc, total, shift = _row_block(
+                qs[h, i0:i1], kt[h], vs[h], tensors, tiles, s - t, buf
+            )
+            torch.div(acc, total.masked_fill(total == 0, 1.0), out=out[h, i0:i1])
+            lse[h, i0:i1] = shift + total.log()  # -inf for a row with no allowed key
+
+    return out.view(*lead, t, v.shape[-1]), lse.view(*lead, t)  # (..., T, Dv), (..., T)
 
 
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -96,83 +243,46 @@ def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).reshape(-1, *x.shape[-2:])  # (N, L, D)
 
 
-def _with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(..., L, D)`` -> ``(N, L, D + 1)``: flattened, with a last column of ones."""
-    x = _flat(x, dtype)  # (N, L, D)
-    return torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1)  # (N, L, D + 1)
-
-
-def _row_block(qs_b, ks, v1, tensors, tiles, lead, offset):
-    """The online softmax for one block of queries over its key tiles.
-
-    Keeps a running row maximum ``m`` and ``acc = sum_j exp(s_j - m) [v_j, 1]``;
-    when a tile raises the maximum, ``acc`` is rescaled by ``exp(m_old - m)``.
-    The ones column of ``v1`` makes the weights' sum come out of the matmul.
-
-    Returns:
-        ``acc`` ``(N, bq, Dv + 1)`` and the final shift ``(N, bq, 1)`` (the row
-        maximum, or 0 for a row that may attend to nothing).
-    """
-    mask, bias = tensors
-    n, bq = qs_b.shape[:2]
-    m = qs_b.new_full((n, bq, 1), float("-inf"))  # running row maximum
-    acc = qs_b.new_zeros(n, bq, v1.shape[-1])  # (N, bq, Dv + 1)
-    shift = torch.zeros_like(m)
-    for block in tiles:
-        j0, j1 = block[2], block[3]
-        scores = torch.bmm(qs_b, ks[:, j0:j1].transpose(1, 2))  # (N, bq, bk)
-        _restrict(scores.view(*lead, bq, j1 - j0), mask, bias, block, offset)
-        new = torch.maximum(m, scores.amax(-1, keepdim=True))  # (N, bq, 1)
-        shift = new.nan_to_num(neginf=0.0)  # no allowed key yet: shift by 0
-        scores.sub_(shift).exp_()  # weights up to a common factor
-        acc.mul_((m - shift).exp_()).baddbmm_(scores, v1[:, j0:j1])
-        m = new
-    return acc, shift
-
-
-def _forward(q, k, v, mask, bias, causal, scale, size):
-    """Online softmax over key tiles; ``out`` and row log-sum-exp in compute dtype."""
-    dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
-    qs = _flat(q, dtype) * scale  # (N, T, D)
-    ks = _flat(k, dtype)  # (N, S, D); a tile's keys enter the matmul transposed
-    v1 = _with_ones(v, dtype)  # (N, S, Dv + 1)
-    tensors = (mask, None if bias is None else bias.to(dtype))
-    n, t, s = qs.shape[0], qs.shape[1], ks.shape[1]
-    out = qs.new_zeros(n, t, v.shape[-1])  # (N, T, Dv); rows seeing nothing stay 0
-    lse = qs.new_full((n, t, 1), float("-inf"))  # (N, T, 1)
-
-    for (i0, i1), tiles in groupby(_blocks(t, s, size, causal), lambda b: b[:2]):
-        acc, shift = _row_block(qs[:, i0:i1], ks, v1, tensors, tiles, lead, s - t)
-        total = acc[..., -1:]  # (N, bq, 1): sum of the unnormalised weights
-        out[:, i0:i1] = acc[..., :-1] / total.masked_fill(total == 0, 1.0)
-        lse[:, i0:i1] = shift + total.log()  # -inf for a row with no allowed key
-
-    return out.view(*lead, t, v.shape[-1]), lse.view(*lead, t)  # (..., T, Dv), (..., T)
+def _add_bias_grad(dbias, ds, lead, heads: range, block: Block) -> None:
+    """Add a tile's score gradients ``ds`` ``(G, bq, bk)`` into ``dbias`` at its own shape."""
+    i0, i1, j0, j1, _ = block
+    own = dbias.shape[:-2]  # bias's leading dims, right-aligned with ``lead``
+    for n, grad in zip(heads, ds, strict=True):
+        index = _unravel(n, lead)[len(lead) - len(own) :]
+        index = tuple(i if size > 1 else 0 for i, size in zip(index, own, strict=True))
+        target = _tile(dbias[index], i0, i1, j0, j1)
+        target += grad.sum_to_size(target.shape)
 
 
 def _backward(grad_out, q, k, v, mask, bias, out, lse, causal, scale, size, dbias):
     """Gradients of q, k, v (and bias) by recomputing each tile's weights."""
     dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
     q, k, v, do = (_flat(x, dtype) for x in (q, k, v, grad_out))  # (N, L, D)
-    qs, k1 = q * scale, torch.cat([k, k.new_ones(*k.shape[:2], 1)], -1)
+    qs, kt = q * scale, k.transpose(1, 2)
+    blocked = None if mask is None else ~mask
     bias = None if bias is None else bias.to(dtype)
     delta = (do * _flat(out, dtype)).sum(-1, keepdim=True)  # (N, T, 1)
     lse = _flat(lse.unsqueeze(-1), dtype)  # (N, T, 1)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # empty row: p = 0
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    (n, t, _), s = q.shape, k.shape[1]
+    rows, cols = size
 
-    t, s = q.shape[1], k.shape[1]
-    for block in _blocks(t, s, size, causal):
-        i0, i1, j0, j1, _ = block
-        p = _scores(qs, k1, lse[:, i0:i1], mask, bias, block, lead, s - t).exp_()
-        dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do[:, i0:i1])  # (N, bk, Dv)
-        dp = do[:, i0:i1] @ v[:, j0:j1].transpose(1, 2)  # (N, bq, bk)
-        ds = p.mul_(dp.sub_(delta[:, i0:i1]))  # d(loss)/d(score), in place
-        dq[:, i0:i1].baddbmm_(ds, k[:, j0:j1], alpha=scale)  # (N, bq, D)
-        dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q[:, i0:i1], alpha=scale)
-        if dbias is not None:
-            tile = _tile(dbias, i0, i1, j0, j1)
-            tile += ds.view(*lead, i1 - i0, j1 - j0).sum_to_size(tile.shape)
+    for heads in _groups(n, rows, cols):
+        h = slice(heads.start, heads.stop)
+        tensors = (_for_heads(blocked, lead, heads), _for_heads(bias, lead, heads))
+        for block in _tiles(t, s, rows, cols, causal):
+            i0, i1, j0, j1, _ = block
+            p = qs[h, i0:i1] @ kt[h, :, j0:j1]  # (G, bq, bk)
+            masked = _restrict(p, *tensors, block, s - t)
+            p = _exp_(p.sub_(lse[h, i0:i1]), masked)  # the weights, recomputed
+            dv[h, j0:j1].baddbmm_(p.transpose(1, 2), do[h, i0:i1])  # (G, bk, Dv)
+            dp = do[h, i0:i1] @ v[h, j0:j1].transpose(1, 2)  # (G, bq, bk)
+            ds = p.mul_(dp.sub_(delta[h, i0:i1]))  # d(loss)/d(score), in place
+            dq[h, i0:i1].baddbmm_(ds, k[h, j0:j1], alpha=scale)  # (G, bq, D)
+            dk[h, j0:j1].baddbmm_(ds.transpose(1, 2), q[h, i0:i1], alpha=scale)
+            if dbias is not None:
+                _add_bias_grad(dbias, ds, lead, heads, block)
     shapes = (x.shape for x in (q, k, v))
     return tuple(
         g.view(*lead, *sh[1:]) for g, sh in zip((dq, dk, dv), shapes, strict=True)
@@ -222,15 +332,15 @@ def chunked_attention(
     bias: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
 ) -> torch.Tensor:
     r"""Memory-efficient attention: the online softmax over tiles of queries and keys.
 
     .. math:: \mathrm{out} = \mathrm{softmax}\!\left(s\,q k^\top + b\right) v,
               \quad s = 1/\sqrt{D}
 
-    computed one ``(block_size, block_size)`` tile of scores at a time. Each
-    query row keeps a running maximum :math:`m`, a running sum
+    computed one tile of scores (``rows`` queries by ``cols`` keys, for a
+    group of heads) at a time. Each query row keeps a running maximum :math:`m`, a running sum
     :math:`\ell = \sum_j e^{x_j - m}` and a running weighted sum of values;
     a new tile with a larger maximum :math:`m'` rescales both by
     :math:`e^{m - m'}`. fp16/bf16 inputs are computed in float32 tile by tile.
@@ -245,16 +355,19 @@ def chunked_attention(
         bias: float, broadcastable to ``(..., T, S)``, added to the scaled
             scores; it receives a gradient when it requires one.
         is_causal: query ``i`` sees key ``j`` iff ``j <= i + S - T``
-            (bottom-right, as :func:`attn_lib.causal_mask`); tiles entirely
-            above the diagonal are skipped, not computed and masked::
+            (bottom-right, as :func:`attn_lib.causal_mask`); keys that no
+            query of a block may see are skipped, not computed and masked::
 
-                T=S=6, block_size=2      x computed, . skipped
-                x . .
-                x x .
-                x x x
+                T=S=8, block_size=(2, 4)   a line per block of 2 queries,
+                xx.. ....                  a column per key:
+                xxxx ....                  x computed (masked above the
+                xxxx xx..                  diagonal), . never computed
+                xxxx xxxx
 
         scale: multiplies ``q k^T``; defaults to ``1/sqrt(D)``.
-        block_size: rows and columns per tile, a positive int.
+        block_size: ``(rows, cols)``, query rows and key columns per tile,
+            or one int for square tiles. The default suits CPUs: tiles that
+            fit the cache and matmuls wide enough to run near peak speed.
 
     Shape:
         ``out`` is ``(..., T, Dv)`` in ``q``'s dtype.
@@ -278,7 +391,7 @@ def chunked_attention(
         q, k, v, attn_mask=mask, attn_bias=bias, softmax_scale=scale
     )
     _checks.flag(is_causal, "is_causal")
-    _checks.positive_int(block_size, "block_size")
+    block_size = _block_size(block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _backend(
         q,
@@ -291,6 +404,21 @@ def chunked_attention(
         is_causal=bool(is_causal),
         block_size=block_size,
     )
+
+
+def _block_size(value) -> tuple[int, int]:
+    """``block_size`` as ``(rows, cols)``: one positive int or a pair of them."""
+    if isinstance(value, tuple) and len(value) == 2:
+        pair = value
+    else:
+        pair = (value, value)
+    if any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in pair):
+        _checks.fail(
+            "block_size",
+            "be a positive int or a (rows, cols) tuple of positive ints",
+            repr(value),
+        )
+    return pair
 
 
 def _backend(

@@ -20,7 +20,7 @@ import os
 import torch
 
 from . import _checks
-from .chunked import _backward
+from .chunked import DEFAULT_BLOCK_SIZE, _backward
 from .functional import _compute_dtype, register_backend
 
 _KERNELS: dict[bool, object] = {}
@@ -106,7 +106,18 @@ class _TritonAttention(torch.autograd.Function):
         causal, scale = ctx.options
         lse = lse.to(_compute_dtype(q.dtype))
         grads = _backward(
-            grad_out, q, k, v, mask, bias, out, lse, causal, scale, 64, None
+            grad_out,
+            q,
+            k,
+            v,
+            mask,
+            bias,
+            out,
+            lse,
+            causal,
+            scale,
+            DEFAULT_BLOCK_SIZE,
+            None,
         )
         return (*(g.to(q.dtype) for g in grads), None, None, None, None)
 

@@ -7,16 +7,42 @@ import torch
 
 from attn_lib import bench
 
+SPEC = {"batch": 1, "heads": 2, "length": 16, "dim": 8, "dtype": "float32"}
+SPEC |= {"device": "cpu", "repeats": 2, "block_size": 4}
 
-def test_measure_one_case_in_process():
-    spec = {"batch": 1, "heads": 2, "length": 16, "dim": 8, "dtype": "float32"}
-    spec |= {"device": "cpu", "repeats": 2, "block_size": 4}
-    result = bench.measure({**spec, "backend": "chunked", "causal": True})
+
+def test_time_one_case_in_process():
+    (result,) = bench.time_cases([{**SPEC, "backend": "chunked", "causal": True}])
     assert result["time_ms"] > 0 and result["gflops"] > 0
     # 4 B H D flops per allowed (query, key) pair: 16 * 17 / 2 pairs when causal
     expected = 4 * 1 * 2 * 8 * 136 / (result["time_ms"] / 1e3) / 1e9
     assert result["gflops"] == pytest.approx(expected)
-    assert result["peak_bytes"] is None or result["peak_bytes"] >= 0
+    peak = bench.peak_memory({**SPEC, "backend": "chunked", "causal": True})
+    assert peak["peak_bytes"] is None or peak["peak_bytes"] >= 0
+
+
+def test_cases_take_turns_after_one_warm_up_each(monkeypatch):
+    calls = []
+
+    def fake_case(backend, causal, block_size):
+        return lambda q, k, v: calls.append(backend)
+
+    monkeypatch.setattr(bench, "_case_fn", fake_case)
+    specs = [{**SPEC, "repeats": 3, "backend": b, "causal": False} for b in "ab"]
+    results = bench.time_cases(specs)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert [r["backend"] for r in results] == ["a", "b"]
+
+
+def test_a_failing_case_leaves_the_others_timed():
+    specs = [
+        {**SPEC, "backend": "sdpa", "causal": False},
+        {**SPEC, "backend": "chunked", "causal": False, "block_size": 0},
+    ]
+    sdpa, chunked = bench.time_cases(specs)
+    assert sdpa["time_ms"] > 0 and "error" not in sdpa
+    assert "time_ms" not in chunked
+    assert chunked["error"][0].startswith("ValueError: block_size must be")
 
 
 def test_naive_matches_sdpa_both_ways():
@@ -112,7 +138,7 @@ def test_failed_case_is_reported_not_hidden():
         "device": "cpu",
     }
     spec |= {"repeats": 1, "block_size": 0, "backend": "chunked", "causal": False}
-    result = bench._run_isolated(spec)  # block_size 0 is refused inside the worker
+    (result,) = bench._time_isolated([spec])  # block_size 0 is refused in the worker
     assert (
         "error" in result and "block_size must be a positive int" in result["error"][0]
     )

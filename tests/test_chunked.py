@@ -1,5 +1,6 @@
 """attn_lib.chunked_attention: against the NumPy reference, PyTorch and autograd."""
 
+import re
 import warnings
 
 import numpy as np
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 from conftest import randn, random_mask
 
 import attn_lib
-from attn_lib import functional, reference
-from attn_lib.chunked import _blocks
+from attn_lib import chunked, functional, reference
+from attn_lib.chunked import tile_plan
 
 
 def _reference(q, k, v, mask=None, scale=None):
@@ -54,23 +55,65 @@ def test_causal_is_bottom_right_with_unequal_lengths(block_size, t, s, gen, devi
         )
 
 
-@pytest.mark.parametrize("t,s,size", [(8, 8, 2), (7, 13, 3), (13, 7, 4), (6, 6, 2)])
-def test_causal_skips_tiles_above_the_diagonal(t, s, size):
-    tiles = list(_blocks(t, s, size, causal=True))
+@pytest.mark.parametrize(
+    "t,s,rows,cols",
+    [
+        (8, 8, 2, 2),
+        (7, 13, 3, 3),
+        (13, 7, 4, 4),
+        (6, 6, 2, 2),
+        (9, 9, 2, 4),
+        (5, 12, 4, 3),
+    ],
+)
+def test_causal_skips_keys_no_query_of_a_block_sees(t, s, rows, cols):
+    tiles = tile_plan(t, s, block_size=(rows, cols), is_causal=True)
     allowed = _explicit_causal(t, s)
     for i0, i1, j0, j1, diagonal in tiles:
-        assert allowed[i0:i1, j0:j1].any()  # every computed tile has work
+        assert allowed[i0:i1, j0:j1].any(0).all()  # every computed key is seen
         assert diagonal == (not bool(allowed[i0:i1, j0:j1].all()))
     covered = torch.zeros(t, s, dtype=torch.bool)
     for i0, i1, j0, j1, _ in tiles:
         covered[i0:i1, j0:j1] = True
     assert (covered | ~allowed).all()  # every allowed pair is in some tile
-    assert len(tiles) < len(list(_blocks(t, s, size, causal=False)))
+    assert covered.sum() < t * s
 
 
-def test_skipped_tiles_for_the_docstring_picture():
-    tiles = {(i0 // 2, j0 // 2) for i0, _, j0, _, _ in _blocks(6, 6, 2, causal=True)}
-    assert tiles == {(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)}
+def test_tile_plan_without_causal_covers_everything_once():
+    tiles = tile_plan(7, 10, block_size=(3, 4))
+    count = torch.zeros(7, 10, dtype=torch.int)
+    for i0, i1, j0, j1, masked in tiles:
+        count[i0:i1, j0:j1] += 1
+        assert not masked
+    assert (count == 1).all() and len(tiles) == 3 * 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"t": -1, "s": 4}, "t must be a non-negative int; got -1"),
+        ({"t": 4, "s": 2.0}, "s must be a non-negative int; got 2.0"),
+        ({"t": 4, "s": 4, "block_size": (2, 0)}, "tuple of positive ints; got (2, 0)"),
+    ],
+)
+def test_tile_plan_names_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tile_plan(**kwargs)
+    with pytest.raises(TypeError, match="is_causal must be a bool; got 1"):
+        tile_plan(4, 4, is_causal=1)
+
+
+def test_tiles_for_the_docstring_picture():
+    picture = ["xx.. ....", "xxxx ....", "xxxx xx..", "xxxx xxxx"]
+    drawn = [list(line.replace(" ", "")) for line in picture]
+    tiles = tile_plan(8, 8, block_size=(2, 4), is_causal=True)
+    for i0, _, j0, j1, _ in tiles:
+        for j in range(j0, j1):
+            assert drawn[i0 // 2][j] == "x"
+            drawn[i0 // 2][j] = "seen"
+    assert all(c in ("seen", ".") for line in drawn for c in line)
+    assert "(2, 4)" in attn_lib.chunked_attention.__doc__
+    assert all(line in attn_lib.chunked_attention.__doc__ for line in picture)
 
 
 def test_matches_torch_sdpa_with_bias_mask_and_scale(gen, device):
@@ -97,6 +140,39 @@ def test_scores_far_from_zero_and_growing_maxima(magnitude, gen):
         bias = torch.full((7, 13), -1e4, dtype=q.dtype)  # every score far below zero
         out = attn_lib.chunked_attention(q, k, v, bias=bias, block_size=size)
         torch.testing.assert_close(out, _reference(q, k, v))
+
+
+@pytest.mark.parametrize("rise", [-20.0, 0.5, 7.9, 8.1, 30.0, 500.0])
+@pytest.mark.parametrize("growth", [chunked.GROWTH, 0.0])
+def test_maxima_rising_tile_by_tile(rise, growth, gen, monkeypatch):
+    # each tile of 4 keys scores `rise` higher than the one before: the shift
+    # moves only past GROWTH; with GROWTH = 0 it moves at every rise
+    monkeypatch.setattr(chunked, "GROWTH", growth)
+    q, k, v = randn(gen, 2, 5, 8), randn(gen, 2, 16, 8), randn(gen, 2, 16, 3)
+    bias = rise * (torch.arange(16) // 4).double()  # (S,)
+    out = attn_lib.chunked_attention(q, k, v, bias=bias, block_size=(5, 4))
+    expected = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=bias
+    )
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_heads_split_into_groups_give_the_same_outputs_and_gradients(gen, monkeypatch):
+    q, k, v = (randn(gen, 2, 3, n, 8).requires_grad_() for n in (9, 11, 11))
+    bias = randn(gen, 3, 9, 11).requires_grad_()  # per head
+    mask = random_mask(gen, 2, 1, 9, 11)  # per batch row
+    mask[..., 0] = True
+    results = []
+    for tile_elements in (1, chunked.TILE_ELEMENTS):  # groups of 1-2 heads, or all 6
+        monkeypatch.setattr(chunked, "TILE_ELEMENTS", tile_elements)
+        out = attn_lib.chunked_attention(q, k, v, mask=mask, bias=bias, block_size=4)
+        grads = torch.autograd.grad(out.sin().sum(), (q, k, v, bias))
+        results.append((out, *grads))
+    math = attn_lib.attention(q, k, v, mask=mask, bias=bias, backend="math")
+    results.append((math, *torch.autograd.grad(math.sin().sum(), (q, k, v, bias))))
+    for grouped, together, plain in zip(*results, strict=True):
+        torch.testing.assert_close(grouped, together)
+        torch.testing.assert_close(grouped, plain)
 
 
 @pytest.mark.parametrize("via", ["mask", "bias", "causal", "tile"])
@@ -242,12 +318,31 @@ def test_auto_falls_back_with_a_reason_warned_once(gen, monkeypatch):
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8", None])
 def test_block_size_must_be_a_positive_int(bad):
     q = torch.ones(3, 4)
-    with pytest.raises(ValueError, match=r"block_size must be a positive int; got "):
+    pair = r"block_size must be a positive int or a \(rows, cols\) tuple of positive"
+    with pytest.raises(ValueError, match=pair + r" ints; got "):
         attn_lib.chunked_attention(q, q, q, block_size=bad)
     with pytest.raises(ValueError, match=r"block_size must be a positive int; got "):
         reference.tiled_attention(
             np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 4)), block_size=bad
         )
+
+
+@pytest.mark.parametrize("bad", [(0, 4), (4,), (4, 4, 4), [4, 4], (4, 4.0), (True, 2)])
+def test_block_size_pairs_must_hold_two_positive_ints(bad):
+    q = torch.ones(3, 4)
+    with pytest.raises(
+        ValueError, match=re.escape(f"tuple of positive ints; got {bad!r}")
+    ):
+        attn_lib.chunked_attention(q, q, q, block_size=bad)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("size", [(1, 7), (5, 2), (3, 64), (64, 3), 4])
+def test_rectangular_tiles_match_torch_sdpa(gen, causal, size):
+    q, k, v = (randn(gen, 2, 3, n, 8) for n in (11, 11, 11))
+    out = attn_lib.chunked_attention(q, k, v, is_causal=causal, block_size=size)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(out, expected)
 
 
 def test_bad_inputs_are_named():

@@ -24,7 +24,7 @@ from .functional import _compute_dtype, attention, register_backend
 DEFAULT_BLOCK_SIZE = (256, 512)  # (query rows, key columns) per tile
 TILE_ELEMENTS = 1 << 19  # scores per tile, summed over heads: 2 MiB in float32
 LOG2_E = 1.4426950408889634
-GROWTH = 8.0  # a row's maximum may grow this much before its sums are rescaled
+MAX_WEIGHT = math.exp(8.0)  # per key, before a row's shift must move: about 3000
 
 Block = tuple[int, int, int, int, bool]  # rows i0:i1, keys j0:j1, crosses the diagonal
 
@@ -164,46 +164,58 @@ def _groups(n: int, rows: int, cols: int) -> Iterator[range]:
         yield range(g0, min(g0 + size, n))
 
 
+def _scores(qs_b, kt, tensors, block: Block, offset: int, buf):
+    """One tile of scores in ``buf``, restricted; and whether it holds ``-inf``."""
+    g, bq = qs_b.shape[:2]
+    j0, j1 = block[2], block[3]
+    scores = buf[: g * bq * (j1 - j0)].view(g, bq, j1 - j0)
+    torch.bmm(qs_b, kt[:, :, j0:j1], out=scores)  # (G, bq, bk)
+    return scores, _restrict(scores, *tensors, block, offset)
+
+
 def _row_block(qs_b, kt, vs, tensors, tiles, offset, buf):
     """The online softmax for one block of query rows over its key tiles.
 
-    Keeps, per query row, a shift ``m`` (the running maximum, up to
-    ``GROWTH``), the running sum ``total`` of ``exp(score - m)`` and
-    ``acc = sum_j exp(s_j - m) v_j``. Only when some row's maximum grows by
-    more than ``GROWTH`` does ``m`` move, and ``total`` and ``acc`` are
-    rescaled by ``exp(m_old - m_new)``; below that, weights up to
-    ``e ** GROWTH`` are summed as they are, far from float32's overflow.
+    Per query row it keeps a shift ``m``, the sum ``total`` of
+    ``exp(score - m)`` and ``acc``, the sum of ``exp(score - m) v``. The first
+    tile sets ``m`` to each row's maximum. A later tile is first exponentiated
+    against the ``m`` it finds, without taking its maximum: when every row's
+    weights sum to at most ``width * MAX_WEIGHT``, far from float32's
+    overflow, they are added as they are. Otherwise some row's maximum grew:
+    the tile is recomputed, ``m`` moves to the new maximum and ``total`` and
+    ``acc`` are rescaled by ``exp(m_old - m_new)``. (A score far below ``m``
+    underflows to weight 0, as it would against the true maximum.)
 
     Returns:
         ``acc`` ``(G, bq, Dv)``, ``total`` ``(G, bq, 1)`` and the final shift
         ``(G, bq, 1)`` (``m``, or 0 for a row that may attend to nothing).
     """
-    blocked, bias = tensors
-    g, bq = qs_b.shape[:2]
-    m = None
+    m = shift = total = acc = None
+    settled = False  # every row has a shift from a real maximum
     for block in tiles:
         j0, j1 = block[2], block[3]
-        scores = buf[: g * bq * (j1 - j0)].view(g, bq, j1 - j0)
-        torch.bmm(qs_b, kt[:, :, j0:j1], out=scores)  # (G, bq, bk)
-        masked = _restrict(scores, blocked, bias, block, offset)
+        scores, masked = _scores(qs_b, kt, tensors, block, offset, buf)
+        if settled:  # try the shift we have
+            weights = _exp_(scores.sub_(shift), masked)
+            row_sums = weights.sum(-1, keepdim=True)  # (G, bq, 1)
+            if bool((row_sums <= (j1 - j0) * MAX_WEIGHT).all()):
+                total.add_(row_sums)
+                acc.baddbmm_(weights, vs[:, j0:j1])
+                continue
+            scores, masked = _scores(qs_b, kt, tensors, block, offset, buf)
         top = scores.amax(-1, keepdim=True)  # (G, bq, 1)
-        moves = m is None or bool((top > m + GROWTH).any())
-        if moves:
-            new = top if m is None else torch.maximum(m, top)
-            shift = new.nan_to_num(neginf=0.0)  # no allowed key yet: shift by 0
-        weights = _exp_(scores.sub_(shift), masked)  # up to a common factor
-        row_sums = weights.sum(-1, keepdim=True)  # (G, bq, 1)
+        new = top if m is None else torch.maximum(m, top)
+        new_shift = new.nan_to_num(neginf=0.0)  # no allowed key yet: shift by 0
+        weights = _exp_(scores.sub_(new_shift), masked)
+        row_sums = weights.sum(-1, keepdim=True)
         if m is None:
             total, acc = row_sums, torch.bmm(weights, vs[:, j0:j1])  # (G, bq, Dv)
         else:
-            if moves:
-                rescale = (m - shift).exp_()  # m_old = -inf gives 0: acc was 0
-                total.mul_(rescale)
-                acc.mul_(rescale)
-            total.add_(row_sums)
-            acc.baddbmm_(weights, vs[:, j0:j1])
-        if moves:
-            m = new
+            rescale = (m - new_shift).exp_()  # m = -inf gives 0: acc was 0
+            total.mul_(rescale).add_(row_sums)
+            acc.mul_(rescale).baddbmm_(weights, vs[:, j0:j1])
+        m, shift = new, new_shift
+        settled = not bool(torch.isneginf(m).any())  # -inf: no allowed key yet
     return acc, total, shift
 
 

@@ -143,11 +143,12 @@ def test_scores_far_from_zero_and_growing_maxima(magnitude, gen):
 
 
 @pytest.mark.parametrize("rise", [-20.0, 0.5, 7.9, 8.1, 30.0, 500.0])
-@pytest.mark.parametrize("growth", [chunked.GROWTH, 0.0])
-def test_maxima_rising_tile_by_tile(rise, growth, gen, monkeypatch):
-    # each tile of 4 keys scores `rise` higher than the one before: the shift
-    # moves only past GROWTH; with GROWTH = 0 it moves at every rise
-    monkeypatch.setattr(chunked, "GROWTH", growth)
+@pytest.mark.parametrize("max_weight", [chunked.MAX_WEIGHT, 1.0, 1e30])
+def test_maxima_rising_tile_by_tile(rise, max_weight, gen, monkeypatch):
+    # each tile of 4 keys scores `rise` higher than the one before; the shift
+    # moves when a tile's weights pass max_weight per key: at every tile when
+    # that is 1, only on float32 overflow (to inf) when it is 1e30
+    monkeypatch.setattr(chunked, "MAX_WEIGHT", max_weight)
     q, k, v = randn(gen, 2, 5, 8), randn(gen, 2, 16, 8), randn(gen, 2, 16, 3)
     bias = rise * (torch.arange(16) // 4).double()  # (S,)
     out = attn_lib.chunked_attention(q, k, v, bias=bias, block_size=(5, 4))
@@ -155,6 +156,18 @@ def test_maxima_rising_tile_by_tile(rise, growth, gen, monkeypatch):
         q.double(), k.double(), v.double(), attn_mask=bias
     )
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [-1000.0, 0.0, 1000.0])
+def test_a_row_whose_first_tiles_are_masked_takes_its_shift_later(offset, gen):
+    # keys 0-7 are masked; keys 8-15 score near `offset`: the row's shift must
+    # come from them, not stay at the 0 it had while it saw nothing
+    q, k, v = randn(gen, 3, 8), randn(gen, 16, 8), randn(gen, 16, 2)
+    mask = torch.arange(16) >= 8
+    bias = torch.full((16,), offset, dtype=q.dtype)
+    out = attn_lib.chunked_attention(q, k, v, mask=mask, bias=bias, block_size=4)
+    expected = F.scaled_dot_product_attention(q[None], k[None, 8:], v[None, 8:])[0]
+    torch.testing.assert_close(out, expected)
 
 
 def test_heads_split_into_groups_give_the_same_outputs_and_gradients(gen, monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -164,16 +165,29 @@ def _groups(n: int, rows: int, cols: int) -> Iterator[range]:
         yield range(g0, min(g0 + size, n))
 
 
-def _scores(qs_b, kt, tensors, block: Block, offset: int, buf):
-    """One tile of scores in ``buf``, restricted; and whether it holds ``-inf``."""
-    g, bq = qs_b.shape[:2]
+class _Keys(NamedTuple):
+    """What every query block of a group of heads is scored against."""
+
+    kt: torch.Tensor  # (G, D, S): keys, transposed (a view)
+    vs: torch.Tensor  # (G, S, Dv): values
+    scale: float
+    blocked: torch.Tensor | None  # True = may not attend, (G or 1, T or 1, S or 1)
+    bias: torch.Tensor | None  # (G or 1, T or 1, S or 1)
+    offset: int  # S - T, for the causal diagonal
+    buf: torch.Tensor  # room for one tile of scores
+
+
+def _scores(q_b, keys: _Keys, block: Block):
+    """One tile of scaled scores in ``keys.buf``, restricted; and whether it holds ``-inf``."""
+    g, bq = q_b.shape[:2]
     j0, j1 = block[2], block[3]
-    scores = buf[: g * bq * (j1 - j0)].view(g, bq, j1 - j0)
-    torch.bmm(qs_b, kt[:, :, j0:j1], out=scores)  # (G, bq, bk)
-    return scores, _restrict(scores, *tensors, block, offset)
+    scores = keys.buf[: g * bq * (j1 - j0)].view(g, bq, j1 - j0)
+    # beta=0: the buffer's old contents are ignored; alpha scales inside the matmul
+    scores.baddbmm_(q_b, keys.kt[:, :, j0:j1], beta=0.0, alpha=keys.scale)
+    return scores, _restrict(scores, keys.blocked, keys.bias, block, keys.offset)
 
 
-def _row_block(qs_b, kt, vs, tensors, tiles, offset, buf):
+def _row_block(q_b, keys: _Keys, tiles: list[Block]):
     """The online softmax for one block of query rows over its key tiles.
 
     Per query row it keeps a shift ``m``, the sum ``total`` of
@@ -194,26 +208,27 @@ def _row_block(qs_b, kt, vs, tensors, tiles, offset, buf):
     settled = False  # every row has a shift from a real maximum
     for block in tiles:
         j0, j1 = block[2], block[3]
-        scores, masked = _scores(qs_b, kt, tensors, block, offset, buf)
+        values = keys.vs[:, j0:j1]  # (G, bk, Dv)
+        scores, masked = _scores(q_b, keys, block)
         if settled:  # try the shift we have
             weights = _exp_(scores.sub_(shift), masked)
             row_sums = weights.sum(-1, keepdim=True)  # (G, bq, 1)
             if bool((row_sums <= (j1 - j0) * MAX_WEIGHT).all()):
                 total.add_(row_sums)
-                acc.baddbmm_(weights, vs[:, j0:j1])
+                acc.baddbmm_(weights, values)
                 continue
-            scores, masked = _scores(qs_b, kt, tensors, block, offset, buf)
+            scores, masked = _scores(q_b, keys, block)
         top = scores.amax(-1, keepdim=True)  # (G, bq, 1)
         new = top if m is None else torch.maximum(m, top)
         new_shift = new.nan_to_num(neginf=0.0)  # no allowed key yet: shift by 0
         weights = _exp_(scores.sub_(new_shift), masked)
         row_sums = weights.sum(-1, keepdim=True)
         if m is None:
-            total, acc = row_sums, torch.bmm(weights, vs[:, j0:j1])  # (G, bq, Dv)
+            total, acc = row_sums, torch.bmm(weights, values)  # (G, bq, Dv)
         else:
             rescale = (m - new_shift).exp_()  # m = -inf gives 0: acc was 0
             total.mul_(rescale).add_(row_sums)
-            acc.mul_(rescale).baddbmm_(weights, vs[:, j0:j1])
+            acc.mul_(rescale).baddbmm_(weights, values)
         m, shift = new, new_shift
         settled = not bool(torch.isneginf(m).any())  # -inf: no allowed key yet
     return acc, total, shift
@@ -222,7 +237,7 @@ def _row_block(qs_b, kt, vs, tensors, tiles, offset, buf):
 def _forward(q, k, v, mask, bias, causal, scale, size):
     """Online softmax over key tiles; ``out`` and row log-sum-exp in compute dtype."""
     dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
-    qs = _flat(q, dtype) * scale  # (N, T, D)
+    qs = _flat(q, dtype)  # (N, T, D); scaled inside the matmuls
     kt = _flat(k, dtype).transpose(1, 2)  # (N, D, S): tiles enter matmuls as views
     vs = _flat(v, dtype)  # (N, S, Dv)
     blocked = None if mask is None else ~mask
@@ -235,15 +250,16 @@ def _forward(q, k, v, mask, bias, causal, scale, size):
     buf = None  # one tile of scores, reused
     for heads in _groups(n, rows, cols):
         h = slice(heads.start, heads.stop)
-        tensors = (_for_heads(blocked, lead, heads), _for_heads(bias, lead, heads))
         if buf is None:
             buf = qs.new_empty(len(heads) * rows * cols)
+        keys = _Keys(
+            kt[h], vs[h], scale, _for_heads(blocked, lead, heads),
+            _for_heads(bias, lead, heads), s - t, buf,
+        )  # fmt: skip
         for i0, i1, tiles in _row_blocks(t, s, rows, cols, causal):
             if not tiles:  # no query here sees a key: out 0, lse -inf
                 continue
-            acc, total, shift = _row_block(
-                qs[h, i0:i1], kt[h], vs[h], tensors, tiles, s - t, buf
-            )
+            acc, total, shift = _row_block(qs[h, i0:i1], keys, tiles)
             torch.div(acc, total.masked_fill(total == 0, 1.0), out=out[h, i0:i1])
             lse[h, i0:i1] = shift + total.log()  # -inf for a row with no allowed key
 

@@ -258,7 +258,7 @@ def run(
         device: defaults to :func:`attn_lib.get_device`.
         repeats: timed calls per case (the median is kept).
         block_size: the tiles of ``"chunked"``, as its ``block_size``;
-            ``None`` keeps its default.
+            ``None`` (reported as ``null``) keeps its default for the shape.
         threads: CPU threads per case (default: PyTorch's choice). On a busy
             shared machine one thread gives steadier numbers.
         isolate: time each length, and measure each case's memory, in fresh
@@ -284,8 +284,6 @@ def run(
 
     dev = torch.device(device) if device else get_device()
     base = {"batch": batch, "heads": heads, "dim": dim, "dtype": dtype}
-    if block_size is None:
-        from .chunked import DEFAULT_BLOCK_SIZE as block_size
     base |= {"device": str(dev), "repeats": repeats, "block_size": block_size}
     base |= {"threads": threads}
     specs = [

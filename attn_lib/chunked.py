@@ -22,7 +22,6 @@ import torch
 from . import _checks
 from .functional import _compute_dtype, attention, register_backend
 
-DEFAULT_BLOCK_SIZE = (256, 512)  # (query rows, key columns) per tile
 TILE_ELEMENTS = 1 << 19  # scores per tile, summed over heads: 2 MiB in float32
 LOG2_E = 1.4426950408889634
 MAX_WEIGHT = math.exp(8.0)  # per key, before a row's shift must move: about 3000
@@ -52,12 +51,30 @@ def _row_blocks(
         yield i0, i1, tiles
 
 
+def default_block_size(heads: int = 1) -> tuple[int, int]:
+    """The ``(rows, cols)`` tiles :func:`chunked_attention` uses unless told.
+
+    Tiles are 512 keys wide; they take 256 query rows when the call has 4 or
+    more heads (all leading dims of ``q`` together) and more rows for fewer
+    heads, so that one group's tile still holds about ``TILE_ELEMENTS``
+    scores: matmuls on a single head need the extra rows to keep every core
+    busy.
+
+    Example:
+        >>> default_block_size(8), default_block_size(2), default_block_size(1)
+        ((256, 512), (512, 512), (1024, 512))
+    """
+    _checks.positive_int(heads, "heads")
+    return 256 * max(1, 4 // heads), 512
+
+
 def tile_plan(
     t: int,
     s: int,
     *,
-    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    block_size: int | tuple[int, int] | None = None,
     is_causal: bool = False,
+    heads: int = 1,
 ) -> list[Block]:
     """The tiles :func:`chunked_attention` computes for ``T`` queries and ``S`` keys.
 
@@ -65,6 +82,8 @@ def tile_plan(
         t, s: the numbers of queries and keys, non-negative ints.
         block_size: as in :func:`chunked_attention`.
         is_causal: as in :func:`chunked_attention`.
+        heads: how many heads the call has (the product of ``q``'s leading
+            dims); only the default ``block_size`` depends on it.
 
     Returns:
         ``(i0, i1, j0, j1, masked)`` per tile, in the order they are computed:
@@ -77,8 +96,8 @@ def tile_plan(
     """
     _checks.nonneg_int(t, "t")
     _checks.nonneg_int(s, "s")
-    rows, cols = _block_size(block_size)
     _checks.flag(is_causal, "is_causal")
+    rows, cols = _block_size(block_size, heads)
     return list(_tiles(t, s, rows, cols, is_causal))
 
 
@@ -360,7 +379,7 @@ def chunked_attention(
     bias: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
-    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    block_size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     r"""Memory-efficient attention: the online softmax over tiles of queries and keys.
 
@@ -394,8 +413,9 @@ def chunked_attention(
 
         scale: multiplies ``q k^T``; defaults to ``1/sqrt(D)``.
         block_size: ``(rows, cols)``, query rows and key columns per tile,
-            or one int for square tiles. The default suits CPUs: tiles that
-            fit the cache and matmuls wide enough to run near peak speed.
+            or one int for square tiles. The default,
+            :func:`default_block_size`, suits CPUs: tiles that fit the cache
+            and matmuls wide enough to run near peak speed.
 
     Shape:
         ``out`` is ``(..., T, Dv)`` in ``q``'s dtype.
@@ -419,7 +439,7 @@ def chunked_attention(
         q, k, v, attn_mask=mask, attn_bias=bias, softmax_scale=scale
     )
     _checks.flag(is_causal, "is_causal")
-    block_size = _block_size(block_size)
+    block_size = _block_size(block_size, _heads(q))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _backend(
         q,
@@ -434,8 +454,16 @@ def chunked_attention(
     )
 
 
-def _block_size(value) -> tuple[int, int]:
-    """``block_size`` as ``(rows, cols)``: one positive int or a pair of them."""
+def _heads(q: torch.Tensor) -> int:
+    """How many heads ``q`` holds: the product of its leading dims (at least 1)."""
+    return max(1, math.prod(q.shape[:-2]))
+
+
+def _block_size(value, heads: int) -> tuple[int, int]:
+    """``block_size`` as ``(rows, cols)``: one positive int, a pair of them, or
+    ``None`` for the default for ``heads`` heads."""
+    if value is None:
+        return default_block_size(heads)
     if isinstance(value, tuple) and len(value) == 2:
         pair = value
     else:
@@ -459,9 +487,10 @@ def _backend(
     dropout_p,
     *,
     is_causal=False,
-    block_size=DEFAULT_BLOCK_SIZE,
+    block_size=None,
 ):
     """What ``attention(..., backend="chunked")`` runs."""
+    block_size = _block_size(block_size, _heads(q))
     if dropout_p > 0.0:
         _checks.fail(
             "dropout_p", "be 0 with backend='chunked' (it has no dropout)", dropout_p

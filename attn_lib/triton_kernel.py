@@ -20,7 +20,7 @@ import os
 import torch
 
 from . import _checks
-from .chunked import DEFAULT_BLOCK_SIZE, _backward
+from .chunked import _backward, _block_size, _heads
 from .functional import _compute_dtype, register_backend
 
 _KERNELS: dict[bool, object] = {}
@@ -116,7 +116,7 @@ class _TritonAttention(torch.autograd.Function):
             lse,
             causal,
             scale,
-            DEFAULT_BLOCK_SIZE,
+            _block_size(None, _heads(q)),
             None,
         )
         return (*(g.to(q.dtype) for g in grads), None, None, None, None)

@@ -332,12 +332,39 @@ def test_auto_falls_back_with_a_reason_warned_once(gen, monkeypatch):
 def test_block_size_must_be_a_positive_int(bad):
     q = torch.ones(3, 4)
     pair = r"block_size must be a positive int or a \(rows, cols\) tuple of positive"
-    with pytest.raises(ValueError, match=pair + r" ints; got "):
-        attn_lib.chunked_attention(q, q, q, block_size=bad)
+    if bad is not None:  # None asks chunked for its default
+        with pytest.raises(ValueError, match=pair + r" ints; got "):
+            attn_lib.chunked_attention(q, q, q, block_size=bad)
     with pytest.raises(ValueError, match=r"block_size must be a positive int; got "):
         reference.tiled_attention(
             np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 4)), block_size=bad
         )
+
+
+@pytest.mark.parametrize("lead,heads", [((), 1), ((2,), 2), ((1, 3), 3), ((2, 8), 16)])
+def test_default_tiles_grow_taller_for_fewer_heads(lead, heads, gen, monkeypatch):
+    rows, cols = chunked.default_block_size(heads)
+    assert cols == 512 and rows == 256 * max(1, 4 // heads)
+    q, k, v = (randn(gen, *lead, n, 8) for n in (9, 9, 9))
+    seen = []
+    real = chunked._forward
+    monkeypatch.setattr(
+        chunked,
+        "_forward",
+        lambda *args: seen.append(args[-1]) or real(*args),
+    )
+    out = attn_lib.chunked_attention(q, k, v, is_causal=True)
+    assert seen == [(rows, cols)]
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expected)
+    assert tile_plan(9, 9, heads=heads) == tile_plan(9, 9, block_size=(rows, cols))
+
+
+def test_default_block_size_checks_heads():
+    with pytest.raises(
+        ValueError, match=re.escape("heads must be a positive int; got 0")
+    ):
+        chunked.default_block_size(0)
 
 
 @pytest.mark.parametrize("bad", [(0, 4), (4,), (4, 4, 4), [4, 4], (4, 4.0), (True, 2)])

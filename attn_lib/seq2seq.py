@@ -92,12 +92,15 @@ def split_numbers(
 
 
 class Vocab:
-    """Token <-> id. Ids 0, 1, 2 are ``<pad>``, ``<bos>``, ``<eos>``.
+    """Token <-> id. Ids 0, 1, 2 are ``<pad>``, ``<bos>``, ``<eos>``; words
+    follow in sorted order.
 
     Example:
         >>> vocab = Vocab([["vingt", "et", "un"]])
-        >>> vocab.encode(["vingt", "un"]), vocab.decode([3, 5, 2, 4])
-        ([3, 5], ['vingt', 'un'])
+        >>> vocab.itos[3:], vocab.encode(["vingt", "un"])
+        (['et', 'un', 'vingt'], [5, 4])
+        >>> vocab.decode([1, 5, 3, 4, 2, 4])  # from <bos>, up to <eos>
+        ['vingt', 'et', 'un']
     """
 
     def __init__(self, sentences: Iterable[Sequence[str]]) -> None:

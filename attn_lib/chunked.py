@@ -176,8 +176,9 @@ def _for_heads(x: torch.Tensor | None, lead, heads: range) -> torch.Tensor | Non
 
 
 def _groups(n: int, rows: int, cols: int) -> Iterator[range]:
-    """Consecutive heads computed together: a tile holds ``TILE_ELEMENTS``
-    scores (small enough for the CPU's cache, big enough for fast matmuls),
+    """Consecutive heads computed together: a tile of ``rows`` by ``cols``
+    holds ``TILE_ELEMENTS`` scores (small enough for the CPU's cache, big
+    enough for fast matmuls; short queries, as in decoding, batch many heads),
     and every thread gets at least one head's tile."""
     size = max(1, TILE_ELEMENTS // (rows * cols), torch.get_num_threads())
     for g0 in range(0, n, size):
@@ -267,10 +268,10 @@ def _forward(q, k, v, mask, bias, causal, scale, size):
     rows, cols = size
 
     buf = None  # one tile of scores, reused
-    for heads in _groups(n, rows, cols):
+    for heads in _groups(n, min(rows, t), min(cols, s)):
         h = slice(heads.start, heads.stop)
         if buf is None:
-            buf = qs.new_empty(len(heads) * rows * cols)
+            buf = qs.new_empty(len(heads) * min(rows, t) * min(cols, s))
         keys = _Keys(
             kt[h], vs[h], scale, _for_heads(blocked, lead, heads),
             _for_heads(bias, lead, heads), s - t, buf,
@@ -315,7 +316,7 @@ def _backward(grad_out, q, k, v, mask, bias, out, lse, causal, scale, size, dbia
     (n, t, _), s = q.shape, k.shape[1]
     rows, cols = size
 
-    for heads in _groups(n, rows, cols):
+    for heads in _groups(n, min(rows, t), min(cols, s)):
         h = slice(heads.start, heads.stop)
         tensors = (_for_heads(blocked, lead, heads), _for_heads(bias, lead, heads))
         for block in _tiles(t, s, rows, cols, causal):

@@ -391,7 +391,9 @@ def chunked_attention(
     group of heads) at a time. Each query row keeps a running maximum :math:`m`, a running sum
     :math:`\ell = \sum_j e^{x_j - m}` and a running weighted sum of values;
     a new tile with a larger maximum :math:`m'` rescales both by
-    :math:`e^{m - m'}`. fp16/bf16 inputs are computed in float32 tile by tile.
+    :math:`e^{m - m'}`, though only once the growth could overflow: smaller
+    rises are summed as they are. fp16/bf16 inputs are computed in float32
+    tile by tile.
     The backward pass recomputes each tile from ``q``, ``k`` and the saved
     row log-sum-exp, so training also needs memory linear in ``T`` and ``S``.
 

@@ -254,29 +254,41 @@ def _row_block(q_b, keys: _Keys, tiles: list[Block]):
     return acc, total, shift
 
 
+def _key_groups(
+    k: torch.Tensor, v: torch.Tensor, mask, bias, lead, t: int, scale: float, size
+) -> Iterator[tuple[range, _Keys]]:
+    """The groups of heads a call computes together, each with what it is scored against.
+
+    ``k`` ``(N, S, D)`` and ``v`` ``(N, S, Dv)`` are flattened in the compute
+    dtype, ``lead`` is the leading shape they came from; ``mask`` and ``bias``
+    are as the caller gave them. One buffer for a tile of scores serves every
+    group.
+    """
+    rows, cols = min(size[0], t), min(size[1], k.shape[1])
+    blocked = None if mask is None else ~mask
+    bias = None if bias is None else bias.to(k.dtype)
+    buf = None
+    for heads in _groups(k.shape[0], rows, cols):
+        if buf is None:
+            buf = k.new_empty(len(heads) * rows * cols)
+        h = slice(heads.start, heads.stop)
+        yield heads, _Keys(
+            k[h].transpose(1, 2), v[h], scale, _for_heads(blocked, lead, heads),
+            _for_heads(bias, lead, heads), k.shape[1] - t, buf,
+        )  # fmt: skip
+
+
 def _forward(q, k, v, mask, bias, causal, scale, size):
     """Online softmax over key tiles; ``out`` and row log-sum-exp in compute dtype."""
     dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
-    qs = _flat(q, dtype)  # (N, T, D); scaled inside the matmuls
-    kt = _flat(k, dtype).transpose(1, 2)  # (N, D, S): tiles enter matmuls as views
-    vs = _flat(v, dtype)  # (N, S, Dv)
-    blocked = None if mask is None else ~mask
-    bias = None if bias is None else bias.to(dtype)
-    (n, t, _), s = qs.shape, kt.shape[2]
+    qs, ks, vs = (_flat(x, dtype) for x in (q, k, v))  # (N, L, D); q scaled in matmuls
+    (n, t, _), s = qs.shape, ks.shape[1]
     out = qs.new_zeros(n, t, v.shape[-1])  # (N, T, Dv); rows seeing nothing stay 0
     lse = qs.new_full((n, t, 1), float("-inf"))  # (N, T, 1)
-    rows, cols = size
 
-    buf = None  # one tile of scores, reused
-    for heads in _groups(n, min(rows, t), min(cols, s)):
+    for heads, keys in _key_groups(ks, vs, mask, bias, lead, t, scale, size):
         h = slice(heads.start, heads.stop)
-        if buf is None:
-            buf = qs.new_empty(len(heads) * min(rows, t) * min(cols, s))
-        keys = _Keys(
-            kt[h], vs[h], scale, _for_heads(blocked, lead, heads),
-            _for_heads(bias, lead, heads), s - t, buf,
-        )  # fmt: skip
-        for i0, i1, tiles in _row_blocks(t, s, rows, cols, causal):
+        for i0, i1, tiles in _row_blocks(t, s, *size, causal):
             if not tiles:  # no query here sees a key: out 0, lse -inf
                 continue
             acc, total, shift = _row_block(qs[h, i0:i1], keys, tiles)
@@ -306,23 +318,17 @@ def _backward(grad_out, q, k, v, mask, bias, out, lse, causal, scale, size, dbia
     """Gradients of q, k, v (and bias) by recomputing each tile's weights."""
     dtype, lead = _compute_dtype(q.dtype), q.shape[:-2]
     q, k, v, do = (_flat(x, dtype) for x in (q, k, v, grad_out))  # (N, L, D)
-    qs, kt = q * scale, k.transpose(1, 2)
-    blocked = None if mask is None else ~mask
-    bias = None if bias is None else bias.to(dtype)
     delta = (do * _flat(out, dtype)).sum(-1, keepdim=True)  # (N, T, 1)
     lse = _flat(lse.unsqueeze(-1), dtype)  # (N, T, 1)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # empty row: p = 0
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    (n, t, _), s = q.shape, k.shape[1]
-    rows, cols = size
+    t, s = q.shape[1], k.shape[1]
 
-    for heads in _groups(n, min(rows, t), min(cols, s)):
+    for heads, keys in _key_groups(k, v, mask, bias, lead, t, scale, size):
         h = slice(heads.start, heads.stop)
-        tensors = (_for_heads(blocked, lead, heads), _for_heads(bias, lead, heads))
-        for block in _tiles(t, s, rows, cols, causal):
+        for block in _tiles(t, s, *size, causal):
             i0, i1, j0, j1, _ = block
-            p = qs[h, i0:i1] @ kt[h, :, j0:j1]  # (G, bq, bk)
-            masked = _restrict(p, *tensors, block, s - t)
+            p, masked = _scores(q[h, i0:i1], keys, block)  # (G, bq, bk)
             p = _exp_(p.sub_(lse[h, i0:i1]), masked)  # the weights, recomputed
             dv[h, j0:j1].baddbmm_(p.transpose(1, 2), do[h, i0:i1])  # (G, bk, Dv)
             dp = do[h, i0:i1] @ v[h, j0:j1].transpose(1, 2)  # (G, bq, bk)
@@ -442,7 +448,6 @@ def chunked_attention(
         q, k, v, attn_mask=mask, attn_bias=bias, softmax_scale=scale
     )
     _checks.flag(is_causal, "is_causal")
-    block_size = _block_size(block_size, _heads(q))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _backend(
         q,

@@ -20,7 +20,7 @@ import os
 import torch
 
 from . import _checks
-from .chunked import _backward, _block_size, _heads
+from .chunked import _backward, _heads, default_block_size
 from .functional import _compute_dtype, register_backend
 
 _KERNELS: dict[bool, object] = {}
@@ -116,7 +116,7 @@ class _TritonAttention(torch.autograd.Function):
             lse,
             causal,
             scale,
-            _block_size(None, _heads(q)),
+            default_block_size(_heads(q)),
             None,
         )
         return (*(g.to(q.dtype) for g in grads), None, None, None, None)

@@ -7,22 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, random_mask
+from conftest import numpy_reference, randn, random_mask
 
 import attn_lib
 from attn_lib import chunked, functional, reference
 from attn_lib.chunked import tile_plan
 
 
-def _reference(q, k, v, mask=None, scale=None):
-    out, _ = reference.scaled_dot_product_attention(
-        q.double().cpu().numpy(),
-        k.double().cpu().numpy(),
-        v.double().cpu().numpy(),
-        None if mask is None else mask.cpu().numpy(),
-        scale=scale,
-    )
-    return torch.from_numpy(out)
+def _reference(q, k, v, mask=None):
+    return numpy_reference(q, k, v, mask)[0]
 
 
 def _explicit_causal(t, s, device="cpu"):

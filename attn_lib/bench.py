@@ -49,6 +49,10 @@ MEMORY_METHOD = {
     "cpu": "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before the "
     "call, in its own fresh process with MALLOC_MMAP_THRESHOLD_=65536",
 }
+IN_PROCESS_CPU = (
+    "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before the call, "
+    "in the benchmarking process itself, after other cases: a lower bound"
+)
 
 
 def _naive(q, k, v, causal):
@@ -101,7 +105,7 @@ def _peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None
             f.write("5")  # reset the peak resident set size
         before = _rss_kib("VmRSS")
         fn()
-        return (_rss_kib("VmHWM") - before) * 1024
+        return max(0, _rss_kib("VmHWM") - before) * 1024  # memory freed: 0 extra
     except OSError:
         return None
 
@@ -216,7 +220,8 @@ def device_name(device: torch.device, threads: int | None = None) -> str:
         name = model.split(":", 1)[1].strip()
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    return f"{name} ({threads or torch.get_num_threads()} threads)"
+    n = threads or torch.get_num_threads()
+    return f"{name} ({n} thread{'s' if n != 1 else ''})"
 
 
 def _cases(backends: Sequence[str], device: torch.device) -> list[tuple[str, bool]]:
@@ -303,8 +308,8 @@ def run(
                 bar.update()
     _add_ratios(results)
     method = MEMORY_METHOD.get(dev.type, "not measured on this device")
-    if not isolate and dev.type != "cuda":
-        method += " (in one process here: a lower bound)"
+    if not isolate and dev.type == "cpu":
+        method = IN_PROCESS_CPU
     return {
         "device": device_name(dev, threads),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -369,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="chunked tiles: one int, or query rows and key columns",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default="bench_results/bench.json", help="report path")
+    p.add_argument("--json", default="bench.json", help="report path")
     p.add_argument(
         "--in-process", action="store_true", help="faster, memory less exact"
     )
@@ -383,6 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     block = args.block_size
     if block is not None and len(block) > 2:
         p.error("--block-size takes one int, or two: query rows and key columns")
+    for name in ("lengths", "block_size"):
+        if any(x <= 0 for x in getattr(args, name) or ()):
+            p.error(f"--{name.replace('_', '-')} must be positive ints")
+    if args.repeats <= 0:
+        p.error("--repeats must be a positive int")
     if block is not None:
         block = block[0] if len(block) == 1 else tuple(block)
     report = run(

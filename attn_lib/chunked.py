@@ -54,9 +54,9 @@ def _row_blocks(
 def default_block_size(heads: int = 1) -> tuple[int, int]:
     """The ``(rows, cols)`` tiles :func:`chunked_attention` uses unless told.
 
-    Tiles are 512 keys wide; they take 256 query rows when the call has 4 or
-    more heads (all leading dims of ``q`` together) and more rows for fewer
-    heads, so that one group's tile still holds about ``TILE_ELEMENTS``
+    Tiles are 512 keys wide and take 256 query rows, except for calls with
+    one head (1024 rows) or two (512 rows; heads are all leading dims of ``q``
+    together), so that one group's tile still holds about ``TILE_ELEMENTS``
     scores: matmuls on a single head need the extra rows to keep every core
     busy.
 
@@ -97,6 +97,7 @@ def tile_plan(
     _checks.nonneg_int(t, "t")
     _checks.nonneg_int(s, "s")
     _checks.flag(is_causal, "is_causal")
+    _checks.positive_int(heads, "heads")
     rows, cols = _block_size(block_size, heads)
     return list(_tiles(t, s, rows, cols, is_causal))
 

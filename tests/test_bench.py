@@ -77,7 +77,10 @@ def test_run_ratios_table_and_main_json(tmp_path, capsys):
         progress=False,
     )
     assert report["device"] and report["date"]
-    assert report["memory_method"].endswith("(in one process here: a lower bound)")
+    assert report["memory_method"].endswith(
+        "in the benchmarking process itself, after other cases: a lower bound"
+    )
+    assert "fresh process" not in report["memory_method"]
     cases = {(r["backend"], r["causal"]) for r in report["results"]}
     assert cases == {
         ("sdpa", False),
@@ -147,3 +150,24 @@ def test_failed_case_is_reported_not_hidden():
         "failed: ValueError: block_size must be a positive int"
         in bench.format_table(report)
     )
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--repeats", "0"], "--repeats must be a positive int"),
+        (["--lengths", "16", "-5"], "--lengths must be positive ints"),
+        (["--block-size", "4", "0"], "--block-size must be positive ints"),
+        (["--block-size", "1", "2", "3"], "--block-size takes one int, or two"),
+    ],
+)
+def test_command_line_refuses_bad_numbers_before_running(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_device_name_counts_threads_in_words():
+    assert bench.device_name(torch.device("cpu"), 1).endswith("(1 thread)")
+    assert bench.device_name(torch.device("cpu"), 2).endswith("(2 threads)")

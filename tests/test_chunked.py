@@ -94,6 +94,8 @@ def test_tile_plan_names_bad_arguments(kwargs, message):
         tile_plan(**kwargs)
     with pytest.raises(TypeError, match="is_causal must be a bool; got 1"):
         tile_plan(4, 4, is_causal=1)
+    with pytest.raises(ValueError, match="heads must be a positive int; got 0"):
+        tile_plan(4, 4, block_size=2, heads=0)  # checked even when unused
 
 
 def test_tiles_for_the_docstring_picture():
